@@ -119,6 +119,19 @@ def cmd_sanitize(args) -> int:
     return EXIT_OK
 
 
+def cmd_pipeline(args) -> int:
+    from flows.pipeline import run_all
+    from incompat.config import load_params
+
+    params = load_params(args.params, profile=args.profile, defense_overrides=_parse_overrides(args.set))
+    progress = not args.quiet and sys.stderr.isatty()
+    result = run_all(params, Path(args.data_dir), progress=progress,
+                     echo=(lambda *_: None) if (args.quiet or args.json) else print)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return EXIT_OK
+
+
 EXAMPLES = {
     "ingest": """
         incompat ingest ../shared/data/cifar10/train.parquet --out data/raw/train.parquet
@@ -134,6 +147,9 @@ EXAMPLES = {
         incompat sanitize data/poisoned/train.parquet --out runs/s1
         incompat sanitize data/poisoned/train.parquet --out runs/s1 --truth data/poisoned/truth.parquet
         incompat sanitize data.parquet --out runs/s2 --profile paper --set boost=4""",
+    "pipeline": """
+        incompat pipeline                      # params.yaml: CIFAR-10 subset, paper:100:2, cpu profile
+        incompat pipeline --set boost=6 --data-dir /tmp/run1""",
 }
 
 
@@ -184,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="defense profile from params.yaml (default: defense.profile)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a defense parameter, e.g. --set boost=4 --set learner_train.epochs=2")
+    p = add("pipeline", "run the default pipeline of params.yaml: ingest, poison, sanitize, retrain, evaluate",
+            cmd_pipeline)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 

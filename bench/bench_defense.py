@@ -1,0 +1,192 @@
+"""End-to-end defense benchmark: poison -> defend -> retrain on what is kept -> evaluate.
+
+Methods per scenario: none (train on everything), oracle (train on the truly clean set), ispl (ISPL+B with the
+chosen profile), spectral (spectral signatures), ac (activation clustering). The baselines read the features of
+the `none` model, as in their papers. Prints a table and appends rows to a CSV as each method finishes, so a
+long run that is stopped keeps what it measured.
+
+  .venv/bin/python bench/bench_defense.py --dataset cifar10 --scenarios paper:100:0-23
+  .venv/bin/python bench/bench_defense.py --dataset cifar10 --subset 10000 --scenarios paper:100:2 --methods none,ispl
+  .venv/bin/python bench/bench_defense.py --dataset gtsrb --scenarios gtsrb   # 4 GTSRB scenarios
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incompat.attacks import Scenario, Trigger, parse_scenario_spec, poison, triggered_test  # noqa: E402
+from incompat.baselines import activation_clustering, spectral_signatures  # noqa: E402
+from incompat.config import load_params  # noqa: E402
+from incompat.data import read_dataset  # noqa: E402
+from incompat.evaluation import evaluate, train_and_evaluate  # noqa: E402
+from incompat.ispl import run_defense  # noqa: E402
+from incompat.metrics import detection_confusion  # noqa: E402
+from incompat.readers import ingest, subsample_stratified  # noqa: E402
+from incompat.training import ComputeMeter, TensorData, extract_features  # noqa: E402
+
+# Four GTSRB scenarios across sign types, one per trigger kind plus a second pattern, rates 5-20% of the source.
+GTSRB_SCENARIOS = [
+    Scenario("gtsrb-1to14-pixel-0.05", Trigger("pixel", (5, 20), (250, 10, 200)), 1, 14, rate=0.05, seed=1),
+    Scenario("gtsrb-2to38-pattern-0.1", Trigger("pattern", (24, 8), (20, 240, 30)), 2, 38, rate=0.1, seed=2),
+    Scenario("gtsrb-12to25-ell-0.2", Trigger("ell", (10, 27), (255, 255, 0)), 12, 25, rate=0.2, seed=3),
+    Scenario("gtsrb-13to33-pattern-0.1", Trigger("pattern", (16, 16), (0, 0, 255)), 13, 33, rate=0.1, seed=4),
+]
+
+FIELDS = ["dataset", "n_train", "scenario", "method", "poison_total", "poison_removed", "clean_removed",
+          "clean_removed_pct", "recall_pct", "asr_before", "asr_after", "acc_before", "acc_after",
+          "defense_seconds", "epoch_equivalents", "retrain_seconds"]
+
+
+def load_split(name: str, split: str, cache: Path):
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{name}-{split}.parquet"
+    if not out.exists():
+        ingest(ROOT.parent / "shared" / "data" / name / f"{split}.parquet", out)
+    return read_dataset(out)
+
+
+def scenario_list(spec: str) -> list[Scenario]:
+    if spec == "gtsrb":
+        return list(GTSRB_SCENARIOS)
+    scenarios = []
+    for part in spec.split(","):
+        if part.startswith("paper:") and "-" in part.split(":")[-1]:
+            _, seed, ids = part.split(":")
+            lo, hi = (int(v) for v in ids.split("-"))
+            scenarios += [parse_scenario_spec(f"paper:{seed}:{i}") for i in range(lo, hi + 1)]
+        else:
+            scenarios.append(parse_scenario_spec(part))
+    return scenarios
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
+    ap.add_argument("--scenarios", default="paper:100:0-23")
+    ap.add_argument("--methods", default="none,oracle,ispl,spectral,ac")
+    ap.add_argument("--subset", type=int, default=None, help="stratified subset of the training set")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", action="append", default=[], help="defense override key=value")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--csv", default=str(ROOT / "bench" / "results" / "defense.csv"))
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+
+    import yaml
+
+    overrides = {}
+    for pair in args.set:
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
+    train_cfg = params.train
+    cache = ROOT / "bench" / "results" / "cache"
+    train_full = load_split(args.dataset, "train", cache)
+    test = load_split(args.dataset, "test", cache)
+    train_base = subsample_stratified(train_full, args.subset, seed=0) if args.subset else train_full
+    methods = args.methods.split(",")
+    csv_path = Path(args.csv)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not csv_path.exists()
+    rows = []
+    print(f"# {args.dataset}: {len(train_base)} training images, profile {args.profile}, "
+          f"defense {json.dumps(dataclasses.asdict(params.defense), default=str)}", flush=True)
+    with open(csv_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for scenario in scenario_list(args.scenarios):
+            train, poison_mask = poison(train_base, scenario)
+            test_trig = triggered_test(test, scenario)
+            base = {"dataset": args.dataset, "n_train": len(train), "scenario": scenario.name,
+                    "poison_total": int(poison_mask.sum())}
+            before = None
+
+            def retrain(indices):
+                t0 = time.monotonic()
+                ev = train_and_evaluate(train, test, train_cfg, indices=indices, test_triggered=test_trig,
+                                        target=scenario.target, progress=args.progress)
+                return ev, time.monotonic() - t0
+
+            def record(method, removed, ev, seconds, defense_seconds=0.0, cost=0.0):
+                conf = detection_confusion(removed, poison_mask)
+                row = {**base, "method": method, "poison_removed": conf["poison_removed"],
+                       "clean_removed": conf["clean_removed"],
+                       "clean_removed_pct": round(100 * conf["clean_removed_fraction"], 2),
+                       "recall_pct": round(100 * conf["recall"], 2),
+                       "asr_before": None if before is None else round(100 * before.attack_success_rate, 2),
+                       "asr_after": round(100 * ev.attack_success_rate, 2),
+                       "acc_before": None if before is None else round(100 * before.clean_accuracy, 2),
+                       "acc_after": round(100 * ev.clean_accuracy, 2),
+                       "defense_seconds": round(defense_seconds, 1), "epoch_equivalents": round(cost, 2),
+                       "retrain_seconds": round(seconds, 1)}
+                rows.append(row)
+                writer.writerow(row)
+                fh.flush()
+                print(format_row(row), flush=True)
+
+            nothing = np.zeros(len(train), dtype=bool)
+            if "none" in methods or "spectral" in methods or "ac" in methods:
+                before, secs = retrain(None)
+                record("none", nothing, before, secs)
+            if "oracle" in methods:
+                ev, secs = retrain(np.flatnonzero(~poison_mask))
+                record("oracle", poison_mask, ev, secs)
+            if "ispl" in methods:
+                t0 = time.monotonic()
+                result = run_defense(train.images, train.labels, train.n_classes, params.defense,
+                                     progress=args.progress)
+                defense_seconds = time.monotonic() - t0
+                ev, secs = retrain(np.flatnonzero(result.keep_mask))
+                record("ispl", ~result.keep_mask, ev, secs, defense_seconds,
+                       result.meter.epoch_equivalents(len(train)))
+            if before is not None and ("spectral" in methods or "ac" in methods):
+                t0 = time.monotonic()
+                feats = extract_features(before.model, TensorData(train.images, train.labels))
+                feat_seconds = time.monotonic() - t0
+                for method, detect in (("spectral", spectral_signatures), ("ac", activation_clustering)):
+                    if method not in methods:
+                        continue
+                    t0 = time.monotonic()
+                    found = detect(feats, train.labels, train.n_classes)
+                    detect_seconds = time.monotonic() - t0 + feat_seconds
+                    ev, secs = retrain(np.flatnonzero(~found.remove_mask))
+                    # Their cost: the poisoned model's training (counted once) + one inference pass.
+                    record(method, found.remove_mask, ev, secs, detect_seconds, train_cfg.epochs + 1 / 3)
+    print_summary(rows)
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['scenario']:32} {row['method']:8} poison {row['poison_removed']:>4}/{row['poison_total']:<4} "
+            f"clean-removed {row['clean_removed']:>5} ({row['clean_removed_pct']:5.2f}%) "
+            f"ASR {row['asr_before'] if row['asr_before'] is not None else '-':>6}->{row['asr_after']:6.2f} "
+            f"acc {row['acc_before'] if row['acc_before'] is not None else '-':>6}->{row['acc_after']:6.2f} "
+            f"defense {row['defense_seconds']:7.1f}s cost {row['epoch_equivalents']:6.2f} ep-eq")
+
+
+def print_summary(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n# summary per method (median over scenarios)")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        med = lambda k: float(np.median([r[k] for r in sel]))  # noqa: E731
+        asr_ok = sum(r["asr_after"] <= 1.0 for r in sel)
+        print(f"{method:8} n={len(sel):2} recall {med('recall_pct'):6.2f}% clean-removed "
+              f"{med('clean_removed_pct'):5.2f}% ASR<=1%: {asr_ok}/{len(sel)} acc {med('acc_after'):6.2f} "
+              f"defense {med('defense_seconds'):7.1f}s cost {med('epoch_equivalents'):6.2f} ep-eq")
+
+
+if __name__ == "__main__":
+    main()

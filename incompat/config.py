@@ -1,0 +1,102 @@
+"""params.yaml, typed once: the DVC stages, the flows and the CLI all read parameters through `load_params`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from incompat.ispl import DefenseConfig
+from incompat.training import TrainConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class IngestParams:
+    source: str = "../shared/data/cifar10/train.parquet"
+    test_source: str | None = "../shared/data/cifar10/test.parquet"
+    subset: int | None = None
+    seed: int = 0
+    image_size: list[int] | None = None
+    on_bad_sample: str = "fail"
+
+
+@dataclass
+class PoisonParams:
+    scenario: str = "paper:100:2"
+
+
+@dataclass
+class Params:
+    ingest: IngestParams = field(default_factory=IngestParams)
+    poison: PoisonParams = field(default_factory=PoisonParams)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    profile: str = "paper"
+    raw: dict = field(default_factory=dict)
+
+
+def _typed(cls, values: dict | None, group: str):
+    values = values or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"params.yaml [{group}]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def resolve_defense(raw: dict, profile: str | None = None, overrides: dict | None = None) -> tuple[str, DefenseConfig]:
+    """The paper's defaults, then the chosen profile's overrides, then the `defense` group's own keys."""
+    group = dict(raw.get("defense") or {})
+    profile = profile or group.pop("profile", "paper")
+    group.pop("profile", None)
+    profiles = raw.get("defense_profiles") or {"paper": {}}
+    if profile not in profiles:
+        raise ConfigError(f"params.yaml: unknown defense profile {profile!r}; profiles: {sorted(profiles)}")
+    values = dict(profiles[profile] or {})
+    for key, value in {**group, **(overrides or {})}.items():
+        if key == "learner_train" and isinstance(value, dict):
+            values["learner_train"] = {**values.get("learner_train", {}), **value}
+        else:
+            values[key] = value
+    try:
+        return profile, DefenseConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params.yaml [defense, profile {profile}]: {exc}") from None
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = None,
+                defense_overrides: dict | None = None) -> Params:
+    path = Path(path)
+    if path.exists():
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    else:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameter groups")
+    known_groups = {"ingest", "poison", "train", "defense", "defense_profiles", "report", "grid", "sanitize"}
+    unknown = set(raw) - known_groups
+    if unknown:
+        raise ConfigError(f"{path}: unknown parameter group(s) {sorted(unknown)}")
+    try:
+        train = TrainConfig.from_dict(raw.get("train") or {})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} [train]: {exc}") from None
+    chosen, defense = resolve_defense(raw, profile, defense_overrides)
+    return Params(
+        ingest=_typed(IngestParams, raw.get("ingest"), "ingest"),
+        poison=_typed(PoisonParams, raw.get("poison"), "poison"),
+        train=train,
+        defense=defense,
+        profile=chosen,
+        raw=raw,
+    )

@@ -1,0 +1,468 @@
+"""ISPL+B: inverse self-paced learning weak learners, boosting, a majority vote and self-paced refinement.
+
+Follows Jin, Sun & Rinard (ICLR 2023) and its public code:
+  weak learner  start from a random half of the active set; train; per-sample loss over the active set,
+                smoothed across rounds (EMA, decay 0.9); keep the lowest-loss fraction overall OR below a per-class
+                quantile (so no class vanishes); train the next round on a random 1/beta of the kept set;
+                the threshold shrinks from 3x to 1x the data fraction; a fresh model is trained on the final
+                kept set (the core set).
+  boosting      `boost` learners per bag, each removing its core set from the active set; `bags` passes.
+  vote          every learner's core model predicts the full dataset; keep where the (seeded, random tie-break)
+                plurality equals the label and more than one learner agrees.
+  refinement    retrain on the kept set, EMA of "predicted correctly", keep where the EMA > threshold.
+
+Ground truth is never an input here. Every random draw comes from a seed derived from (seed, bag, learner,
+round), so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from incompat.files import atomic_output
+from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
+                               predict_logits)
+
+log = logging.getLogger(__name__)
+
+
+class DefenseError(RuntimeError):
+    """The defense cannot produce a trustworthy keep-mask (and says why)."""
+
+
+@dataclass
+class DefenseConfig:
+    """Defaults are the paper's values (ResNet-32 on a GPU). Profiles in params.yaml override them."""
+
+    bags: int = 3
+    boost: int = 8  # alpha: learners (core sets) per bag
+    beta: float = 4.0  # each refit round trains on a random 1/beta of the kept set
+    data_fraction: float = 0.96  # the core sets of one bag cover this fraction of the data (0.96/alpha each)
+    min_active: float = 0.04  # stop a bag when the active set falls below this fraction (paper: 2000 of 50k)
+    loss_decay: float = 0.9  # EMA of per-sample losses across refit rounds
+    class_floor: float = 0.125  # per-class quantile = threshold * class_floor (paper: thresh / 8)
+    warmup_epochs: int = 8
+    refit_epochs: int = 4
+    refit_rounds: int | None = None  # None = the paper's 2 + clip(1 // data_fraction_per_learner, 1, 3)
+    core_epochs: int = 40
+    vote_min_count: int = 2  # "more than one learner agrees"
+    # How the keep-mask is decided after the learners:
+    #   "paper": the majority vote, then self-paced refinement (the paper's procedure);
+    #   "pair":  for models too small to fit hard clean images (the CPU profile): average each sample's class
+    #            probabilities over the learners whose core set does NOT hold it ("out-of-home"); find the
+    #            (label, predicted) class pairs whose count exceeds the reverse pair's by more than chance
+    #            (a backdoor relabels one source class into one target, natural confusion is near-symmetric);
+    #            remove only samples of a flagged pair whose out-of-home probability of the flagged source
+    #            class reaches `pair_threshold`. Hard images elsewhere are kept. Refinement rounds still run
+    #            when refinement_rounds > 0.
+    decision: str = "paper"
+    pair_z: float = 4.0  # excess must exceed pair_z * sqrt(count + reverse count)
+    pair_min_excess: int = 5  # and at least this many samples
+    pair_threshold: float = 0.2
+    refinement_rounds: int = 20
+    refinement_epochs: int = 5
+    refinement_decay: float = 0.8  # correct <- (1 - decay) * predicted_correctly + decay * correct
+    refinement_threshold: float = 0.5
+    max_retries: int = 2  # a diverged training is retried with lr / 10, at most this often
+    seed: int = 0
+    learner_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        model="resnet32", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant",
+        nesterov=False, epochs=1))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DefenseConfig":
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown defense parameter(s): {sorted(unknown)}; known: {sorted(known)}")
+        train = values.pop("learner_train", None)
+        cfg = cls(**values)
+        if train is not None:
+            base = dataclasses.asdict(cfg.learner_train)
+            base.update(train)
+            cfg.learner_train = TrainConfig.from_dict(base)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.bags < 1 or self.boost < 1:
+            raise ValueError("defense.bags and defense.boost must be >= 1")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError("defense.data_fraction must be in (0, 1]")
+        if self.beta < 1:
+            raise ValueError("defense.beta must be >= 1")
+        if not 0 <= self.loss_decay < 1 or not 0 <= self.refinement_decay < 1:
+            raise ValueError("decays must be in [0, 1)")
+        if self.decision not in ("paper", "pair"):
+            raise ValueError(f"defense.decision must be 'paper' or 'pair', got {self.decision!r}")
+
+
+@dataclass
+class LearnerRecord:
+    """What the vote needs from a weak learner: its core set and its predictions on the whole dataset."""
+
+    bag: int
+    index: int
+    core_set: np.ndarray  # bool (N,)
+    predictions: np.ndarray  # int64 (N,)
+    probabilities: np.ndarray  # float16 (N, n_classes): softmax of the core model
+    rounds: list[dict]  # per refit round: kept fraction, mean loss (and poison kept when an observer knows it)
+    retries: int = 0
+
+
+@dataclass
+class DefenseResult:
+    keep_mask: np.ndarray  # bool (N,)
+    suspicion: np.ndarray  # float (N,), higher = more suspicious
+    vote_agreement: np.ndarray  # fraction of weak learners predicting the sample's label
+    refinement_correct: np.ndarray  # final EMA of "refinement model predicted the label"
+    learners: list[LearnerRecord]
+    flagged_pairs: list[dict]  # decision "pair": the (source, target) pairs found, with their counts
+    refinement_rounds: list[dict]
+    meter: ComputeMeter
+    wall_seconds: float
+    model: torch.nn.Module | None = None
+
+    @property
+    def n_removed(self) -> int:
+        return int((~self.keep_mask).sum())
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A stable 31-bit seed for one step, independent of how many draws came before it (resumable)."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def refit_rounds_for(cfg: DefenseConfig, data_perc: float) -> int:
+    if cfg.refit_rounds is not None:
+        return cfg.refit_rounds
+    return 2 + max(1, min(3, int(1 // data_perc)))
+
+
+def trim(losses: np.ndarray, labels: np.ndarray, n_classes: int, thresh: float, class_floor: float) -> np.ndarray:
+    """Keep the lowest-loss `thresh` fraction overall, plus the lowest `thresh*class_floor` of every class."""
+    losses = np.nan_to_num(losses, nan=float(np.nanmean(losses)) if np.isfinite(losses).any() else 0.0)
+    keep = np.zeros(len(losses), dtype=bool)
+    class_thresh = thresh * class_floor
+    for c in range(n_classes):
+        in_class = labels == c
+        if in_class.any():
+            keep[in_class] = losses[in_class] <= np.quantile(losses[in_class], class_thresh)
+    return keep | (losses <= np.quantile(losses, thresh))
+
+
+def vote(predictions: np.ndarray, n_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Plurality over learners (rows), ties broken uniformly at random. Returns (winner, winner's count)."""
+    counts = np.zeros((predictions.shape[1], n_classes), dtype=np.int64)
+    for row in predictions:
+        counts[np.arange(predictions.shape[1]), row] += 1
+    best = counts.max(axis=1)
+    # A random key per (sample, class) breaks ties among the classes that reach `best`.
+    keys = rng.random(counts.shape) + (counts == best[:, None])
+    return keys.argmax(axis=1), best
+
+
+class Checkpoint:
+    """One JSON + NPZ per finished weak learner / refinement round. Loaded with allow_pickle=False."""
+
+    def __init__(self, directory: str | Path | None, fingerprint: str):
+        self.directory = Path(directory) if directory else None
+        self.fingerprint = fingerprint
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            marker = self.directory / "fingerprint.txt"
+            if marker.exists() and marker.read_text() != fingerprint:
+                # Another dataset or other parameters: their learners must not leak into this run.
+                for old in self.directory.glob("*.npz"):
+                    old.unlink()
+                for old in self.directory.glob("*.json"):
+                    old.unlink()
+                for old in self.directory.glob("*.pt"):
+                    old.unlink()
+            marker.write_text(fingerprint)
+
+    def _path(self, name: str, ext: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{name}.{ext}"
+
+    def save_learner(self, rec: LearnerRecord) -> None:
+        if not self.directory:
+            return
+        name = f"learner-b{rec.bag:02d}-{rec.index:02d}"
+        with atomic_output(self._path(name, "npz")) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, core_set=rec.core_set, predictions=rec.predictions, probabilities=rec.probabilities)
+        with atomic_output(self._path(name, "json")) as tmp:
+            Path(tmp).write_text(json.dumps({"bag": rec.bag, "index": rec.index, "rounds": rec.rounds,
+                                             "retries": rec.retries}))
+
+    def load_learner(self, bag: int, index: int) -> LearnerRecord | None:
+        if not self.directory:
+            return None
+        name = f"learner-b{bag:02d}-{index:02d}"
+        npz, meta = self._path(name, "npz"), self._path(name, "json")
+        if not (npz.exists() and meta.exists()):
+            return None
+        with np.load(npz, allow_pickle=False) as arrays:
+            info = json.loads(meta.read_text())
+            return LearnerRecord(bag, index, arrays["core_set"].astype(bool), arrays["predictions"].astype(np.int64),
+                                 arrays["probabilities"].astype(np.float16), info["rounds"], info.get("retries", 0))
+
+    def save_refinement(self, round_index: int, model: torch.nn.Module, correct: np.ndarray, keep: np.ndarray,
+                        history: list[dict], meter: ComputeMeter) -> None:
+        if not self.directory:
+            return
+        with atomic_output(self._path("refinement", "pt")) as tmp:
+            torch.save({"round": round_index, "state_dict": model.state_dict(),
+                        "correct": torch.from_numpy(correct), "keep": torch.from_numpy(keep),
+                        "history": json.dumps(history),
+                        "meter": json.dumps(dataclasses.asdict(meter))}, tmp)
+
+    def load_refinement(self) -> dict | None:
+        if not self.directory or not self._path("refinement", "pt").exists():
+            return None
+        return torch.load(self._path("refinement", "pt"), weights_only=True, map_location="cpu")
+
+    def save_meter(self, meter: ComputeMeter) -> None:
+        if self.directory:
+            with atomic_output(self._path("meter", "json")) as tmp:
+                Path(tmp).write_text(json.dumps(dataclasses.asdict(meter)))
+
+    def load_meter(self) -> ComputeMeter | None:
+        if self.directory and self._path("meter", "json").exists():
+            return ComputeMeter(**json.loads(self._path("meter", "json").read_text()))
+        return None
+
+
+RoundObserver = Callable[[str, dict], None]
+
+
+def _fit_with_retries(data: TensorData, train_cfg: TrainConfig, indices: np.ndarray, cfg: DefenseConfig,
+                      meter: ComputeMeter, what: str, model=None, progress=False) -> tuple[torch.nn.Module, int]:
+    lr = train_cfg.lr
+    for attempt in range(cfg.max_retries + 1):
+        try:
+            trial = dataclasses.replace(train_cfg, lr=lr)
+            return fit(data, trial, indices=indices, model=model, meter=meter, progress=progress), attempt
+        except TrainingDiverged as exc:
+            if attempt == cfg.max_retries:
+                raise TrainingDiverged(f"{what}: loss diverged {attempt + 1} times (last lr {lr:g}): {exc}") from exc
+            log.warning("%s: %s; retrying with lr %g", what, exc, lr / 10)
+            lr /= 10
+    raise AssertionError("unreachable")
+
+
+def weak_learner(data: TensorData, labels: np.ndarray, n_classes: int, active: np.ndarray, data_perc: float,
+                 cfg: DefenseConfig, seed: int, meter: ComputeMeter, observe: RoundObserver | None = None,
+                 progress=False, name: str = "learner") -> tuple[np.ndarray, torch.nn.Module, list[dict], int]:
+    """One ISPL weak learner over `active` (bool mask). Returns (core_set mask, core model, rounds, retries)."""
+    rng = np.random.default_rng(seed)
+    active_idx = np.flatnonzero(active)
+    active_labels = labels[active_idx]
+    n_rounds = refit_rounds_for(cfg, data_perc)
+    retries = 0
+    rounds: list[dict] = []
+    # Round 0 trains on a random half of the active set (paper: Binomial(0.5) per sample).
+    train_local = rng.random(len(active_idx)) < 0.5
+    active_keep = np.ones(len(active_idx), dtype=bool)
+    loss_ema = np.zeros(len(active_idx))
+    model = None
+    base = dataclasses.replace(cfg.learner_train, seed=derive_seed(seed, 0))
+    if data_perc < 0.999:
+        for it in range(n_rounds):
+            epochs = cfg.warmup_epochs if it == 0 else cfg.refit_epochs
+            train_cfg = dataclasses.replace(base, epochs=epochs, seed=derive_seed(seed, it))
+            model, r = _fit_with_retries(data, train_cfg, active_idx[train_local], cfg, meter,
+                                         f"{name} round {it}", model=model, progress=progress)
+            retries += r
+            losses, _ = per_sample_loss(model, data, active_idx, meter=meter)
+            losses = np.nan_to_num(losses, nan=np.nanmean(losses))
+            loss_ema = losses * (1 - cfg.loss_decay) + loss_ema * cfg.loss_decay
+            thresh = min(3, max(1, n_rounds - 2 - it)) * data_perc
+            thresh = max(0.0, min(1.0, thresh))
+            active_keep = trim(loss_ema, active_labels, n_classes, thresh, cfg.class_floor)
+            # The expansion: the next round sees only a random 1/beta of what was kept.
+            train_local = active_keep & (rng.random(len(active_idx)) < 1.0 / cfg.beta)
+            if train_local.sum() < 2:
+                train_local = active_keep.copy()
+            info = {"learner": name, "round": it, "kept_fraction": float(active_keep.mean()),
+                    "kept": int(active_keep.sum()), "mean_loss": float(losses.mean()),
+                    "train_size": int(train_local.sum()), "threshold": float(thresh)}
+            if observe:
+                observe("round", {**info, "kept_indices": active_idx[active_keep]})
+            rounds.append(info)
+    core_set = np.zeros(len(labels), dtype=bool)
+    core_set[active_idx[active_keep]] = True
+    core_cfg = dataclasses.replace(base, epochs=cfg.core_epochs, seed=derive_seed(seed, 1000))
+    core_model, r = _fit_with_retries(data, core_cfg, np.flatnonzero(core_set), cfg, meter, f"{name} core model",
+                                      progress=progress)
+    return core_set, core_model, rounds, retries + r
+
+
+def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DefenseConfig,
+                checkpoint_dir: str | Path | None = None, observe: RoundObserver | None = None,
+                progress: bool = False, device: str | None = None, fingerprint: str = "") -> DefenseResult:
+    """Run ISPL+B on a dataset (uint8 NHWC images, int labels). Returns the keep-mask and per-sample scores."""
+    start = time.monotonic()
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if n == 0:
+        raise ValueError("cannot sanitize an empty dataset")
+    data = TensorData(images, labels, device=device)
+    ckpt = Checkpoint(checkpoint_dir, fingerprint + json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    meter = ckpt.load_meter() or ComputeMeter()
+    learners: list[LearnerRecord] = []
+    per_learner = cfg.data_fraction / cfg.boost
+    bar = _progress(progress, total=cfg.bags * cfg.boost, desc="weak learners")
+    for bag in range(cfg.bags):
+        active = np.ones(n, dtype=bool)
+        for index in range(cfg.boost):
+            if active.sum() <= cfg.min_active * n:
+                log.info("bag %d: active set down to %d samples; stopping after %d learners", bag, active.sum(), index)
+                break
+            rec = ckpt.load_learner(bag, index)
+            if rec is None:
+                data_perc = min(1.0, per_learner * n / active.sum())
+                seed = derive_seed(cfg.seed, 1, bag, index)
+                core_set, core_model, rounds, retries = weak_learner(
+                    data, labels, n_classes, active, data_perc, cfg, seed, meter, observe, progress=False,
+                    name=f"bag{bag}-learner{index}")
+                probabilities = predict_probabilities(core_model, data, meter)
+                rec = LearnerRecord(bag, index, core_set, probabilities.argmax(1).astype(np.int64),
+                                    probabilities.astype(np.float16), rounds, retries)
+                ckpt.save_learner(rec)
+                ckpt.save_meter(meter)
+            learners.append(rec)
+            if observe:
+                observe("learner", {"bag": bag, "index": index, "core_size": int(rec.core_set.sum()),
+                                    "core_indices": np.flatnonzero(rec.core_set),
+                                    "agreement": float((rec.predictions == labels).mean())})
+            if cfg.boost > 1:
+                active &= ~rec.core_set
+            bar.update(1)
+    bar.close()
+    predictions = np.stack([rec.predictions for rec in learners])
+    vote_agreement = (predictions == labels[None, :]).mean(axis=0)
+    flagged: list[dict] = []
+    if cfg.decision == "pair":
+        outside = out_of_home_probabilities(learners)
+        keep, flagged = pair_decision(outside, labels, n_classes, cfg)
+        suspicion_base = 1.0 - outside[np.arange(n), labels]
+    else:
+        winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
+        keep = (winner == labels) & (count >= cfg.vote_min_count)
+        suspicion_base = 1.0 - vote_agreement
+    if observe:
+        observe("vote", {"kept_fraction": float(keep.mean()), "kept_indices": np.flatnonzero(keep),
+                         "flagged_pairs": flagged})
+
+    if cfg.refinement_rounds > 0 and not keep.any():
+        raise DefenseError(
+            f"the vote kept none of the {n} samples (mean learner agreement with the labels "
+            f"{vote_agreement.mean():.1%}): the weak learners are too weak for this dataset; train them longer "
+            f"(core_epochs, learner_train.epochs) or use fewer, larger core sets (boost)")
+    model, correct, history, first_round = None, None, [], 0
+    state = ckpt.load_refinement()
+    if state is not None:
+        model = _build_like(cfg.learner_train, n_classes, data)
+        model.load_state_dict(state["state_dict"])
+        correct, keep = state["correct"].numpy(), state["keep"].numpy()
+        history, first_round = json.loads(state["history"]), int(state["round"]) + 1
+        meter = ComputeMeter(**json.loads(state["meter"]))
+    bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
+    for it in range(first_round, cfg.refinement_rounds):
+        train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
+                                        seed=derive_seed(cfg.seed, 3, it))
+        model, _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter, f"refinement round {it}",
+                                     model=model)
+        preds = per_sample_predictions(model, data, meter)
+        if correct is None:
+            correct = np.full(n, 0.5)
+        correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
+        keep = correct > cfg.refinement_threshold
+        info = {"round": it, "kept_fraction": float(keep.mean()), "kept": int(keep.sum())}
+        history.append(info)
+        if observe:
+            observe("refinement", {**info, "kept_indices": np.flatnonzero(keep)})
+        ckpt.save_refinement(it, model, correct, keep, history, meter)
+        bar.update(1)
+    bar.close()
+    if correct is None:  # no refinement rounds: the vote decides
+        correct = keep.astype(float)
+        suspicion = suspicion_base
+    else:
+        suspicion = 0.5 * (suspicion_base + 1.0 - correct)
+    # Removed samples rank above kept ones, then by how strongly the learners contradict their label.
+    suspicion = np.where(keep, 0.5 * suspicion, 0.5 + 0.5 * suspicion)
+    return DefenseResult(keep, suspicion, vote_agreement, correct, learners, flagged, history, meter,
+                         time.monotonic() - start, model)
+
+
+def out_of_home_probabilities(learners: list[LearnerRecord]) -> np.ndarray:
+    """Mean class probabilities over the learners whose core set does not contain the sample.
+
+    A learner fits its own core set, so its opinion of those samples says nothing about compatibility with
+    the rest. Samples in every core set (or when there is a single learner) fall back to the plain mean."""
+    probs = np.stack([rec.probabilities.astype(np.float32) for rec in learners])  # (L, N, C)
+    outside = np.stack([~rec.core_set for rec in learners]).astype(np.float32)  # (L, N)
+    weight = outside.sum(axis=0)
+    total = np.einsum("ln,lnc->nc", outside, probs)
+    plain = probs.mean(axis=0)
+    return np.where(weight[:, None] > 0, total / np.maximum(weight, 1)[:, None], plain)
+
+
+def pair_decision(outside: np.ndarray, labels: np.ndarray, n_classes: int,
+                  cfg: DefenseConfig) -> tuple[np.ndarray, list[dict]]:
+    """Keep-mask from out-of-home probabilities: remove only members of a class pair with a one-sided excess."""
+    predicted = outside.argmax(axis=1)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    keep = np.ones(len(labels), dtype=bool)
+    flagged = []
+    for target in range(n_classes):
+        for source in range(n_classes):
+            if source == target:
+                continue
+            forward, reverse = int(confusion[target, source]), int(confusion[source, target])
+            excess = forward - reverse
+            if excess >= max(cfg.pair_min_excess, cfg.pair_z * np.sqrt(forward + reverse)):
+                members = (labels == target) & (outside[:, source] >= cfg.pair_threshold)
+                keep &= ~members
+                flagged.append({"source": source, "target": target, "count": forward, "reverse": reverse,
+                                "excess": excess, "removed": int(members.sum())})
+    return keep, flagged
+
+
+def per_sample_predictions(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:
+    _, preds = per_sample_loss(model, data, None, meter=meter)
+    return preds.astype(np.int64)
+
+
+def predict_probabilities(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:
+    return torch.softmax(predict_logits(model, data, None, meter=meter), dim=1).numpy()
+
+
+def _build_like(train_cfg: TrainConfig, n_classes: int, data: TensorData) -> torch.nn.Module:
+    from incompat.models import build_model
+
+    model = build_model(train_cfg.model, n_classes, in_channels=data.image_shape[0], width=train_cfg.width)
+    return model.to(data.device).to(memory_format=torch.channels_last)
+
+
+def _progress(enabled: bool, total: int, desc: str, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False)

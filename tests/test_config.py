@@ -1,0 +1,46 @@
+import pytest
+
+from incompat.config import ConfigError, load_params
+
+
+def write(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repo_params_load_with_the_cpu_profile():
+    params = load_params("params.yaml")
+    assert params.profile == "cpu"
+    assert params.defense.bags == 1
+    assert params.defense.learner_train.model == "small_cnn"
+    paper = load_params("params.yaml", profile="paper")
+    assert (paper.defense.bags, paper.defense.boost, paper.defense.beta) == (3, 8, 4.0)
+    assert paper.defense.refinement_rounds == 20 and paper.defense.learner_train.model == "resnet32"
+
+
+def test_profile_then_group_then_cli_overrides(tmp_path):
+    p = write(tmp_path, """
+defense: {profile: fast, boost: 5}
+defense_profiles:
+  fast: {boost: 3, bags: 2, learner_train: {epochs: 2, lr: 0.3}}
+""")
+    params = load_params(p)
+    assert params.defense.bags == 2 and params.defense.boost == 5
+    assert params.defense.learner_train.lr == 0.3
+    params = load_params(p, defense_overrides={"boost": 7, "learner_train": {"lr": 0.01}})
+    assert params.defense.boost == 7 and params.defense.learner_train.lr == 0.01
+    assert params.defense.learner_train.epochs == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ingest: {sourse: x}", r"\[ingest\]: unknown key"),
+    ("defense: {profile: nope}", "unknown defense profile"),
+    ("defense: {boots: 3}", "unknown defense parameter"),
+    ("train: {epochz: 3}", r"\[train\]"),
+    ("whatever: {}", "unknown parameter group"),
+    ("defense: {decision: magic}", "decision"),
+])
+def test_bad_params_are_named(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, text))

@@ -1,0 +1,176 @@
+"""ISPL+B mechanics on tiny synthetic data: a planted trigger is found, clean data loses little, an interrupted
+run resumes to the identical mask, diverging training is retried, and the helpers do what the paper's code does."""
+
+import json
+
+import numpy as np
+import pytest
+
+from incompat import ispl
+from incompat.attacks import Scenario, Trigger, poison
+from incompat.ispl import DefenseConfig, run_defense, trim, vote
+
+from incompat.training import TrainingDiverged
+from tests.conftest import make_imageset
+
+
+def tiny_config(**overrides) -> DefenseConfig:
+    values = dict(bags=1, boost=3, warmup_epochs=4, refit_epochs=2, refit_rounds=3, core_epochs=8,
+                  class_floor=1.0, decision="pair", pair_z=3.0, pair_min_excess=3,
+                  refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
+                  learner_train={"model": "small_cnn", "width": 8, "batch_size": 32, "lr": 0.05,
+                                 "schedule": "constant", "augment": False, "weight_decay": 5e-4})
+    values.update(overrides)
+    return DefenseConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    clean = make_imageset(n_per_class=80, n_classes=4, size=12, seed=3)
+    scenario = Scenario("tiny", Trigger("patch", (9, 9), (255, 0, 255), size=3), 0, 1, rate=0.2, seed=5)
+    poisoned, mask = poison(clean, scenario)
+    return clean, poisoned, mask
+
+
+def test_trim_keeps_lowest_losses_with_a_per_class_floor():
+    losses = np.array([0.1, 0.2, 0.3, 5.0, 6.0, 7.0, 0.15, 0.25])
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 0])
+    keep = trim(losses, labels, 2, thresh=0.25, class_floor=0.5)
+    # The 25% lowest overall are all class 0; the floor still keeps class 1's lowest.
+    assert keep[[0, 6]].all()
+    assert keep[3] and not keep[[4, 5]].any()
+
+
+def test_vote_is_plurality_with_seeded_tie_break():
+    preds = np.array([[0, 1, 2, 0], [0, 1, 1, 1], [2, 2, 1, 2]])
+    winner, count = vote(preds, 3, np.random.default_rng(0))
+    assert winner[0] == 0 and count[0] == 2
+    assert winner[2] == 1 and count[2] == 2
+    # Column 3 ties 0/1/2 at one vote each; the draw is seeded.
+    again, _ = vote(preds, 3, np.random.default_rng(0))
+    assert np.array_equal(winner, again)
+    draws = {int(vote(preds, 3, np.random.default_rng(s))[0][3]) for s in range(30)}
+    assert draws == {0, 1, 2}
+
+
+def test_planted_trigger_is_found(planted, tmp_path):
+    _, poisoned, mask = planted
+    result = run_defense(poisoned.images, poisoned.labels, poisoned.n_classes, tiny_config())
+    removed = ~result.keep_mask
+    assert removed[mask].mean() >= 0.9, f"only {removed[mask].sum()} of {mask.sum()} poisons removed"
+    assert removed[~mask].mean() <= 0.15
+    # The suspicion score ranks poisons above the clean samples of the target class.
+    target_clean = (~mask) & (poisoned.labels == 1)
+    assert np.median(result.suspicion[mask]) > np.median(result.suspicion[target_clean])
+    assert result.meter.epoch_equivalents(len(mask)) > 0
+
+
+def test_clean_dataset_loses_little(planted):
+    clean, _, _ = planted
+    result = run_defense(clean.images, clean.labels, clean.n_classes, tiny_config())
+    assert (~result.keep_mask).mean() <= 0.1
+
+
+def test_resume_after_interruption_gives_identical_mask(planted, tmp_path):
+    _, poisoned, _ = planted
+    cfg = tiny_config(boost=3, refinement_rounds=2, decision="paper")
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_second_learner(kind, info):
+        if kind == "learner":
+            seen.append(info["index"])
+            if len(seen) == 2:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
+                    observe=stop_after_second_learner)
+    assert len(list((tmp_path / "b").glob("learner-*.npz"))) == 2
+    trained = []
+    original_weak_learner = ispl.weak_learner
+
+    def counting(*args, **kwargs):
+        trained.append(kwargs.get("name"))
+        return original_weak_learner(*args, **kwargs)
+
+    ispl.weak_learner = counting
+    try:
+        resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b")
+    finally:
+        ispl.weak_learner = original_weak_learner
+    assert trained == ["bag0-learner2"]  # only the unfinished learner was trained again
+    assert np.array_equal(resumed.keep_mask, full.keep_mask)
+    assert np.allclose(resumed.suspicion, full.suspicion)
+    assert resumed.meter.train_samples == full.meter.train_samples
+
+
+def test_checkpoints_of_other_parameters_are_not_reused(planted, tmp_path):
+    _, poisoned, _ = planted
+    run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=1, refinement_rounds=0),
+                checkpoint_dir=tmp_path)
+    before = (tmp_path / "learner-b00-00.npz").stat().st_mtime_ns
+    run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=1, refinement_rounds=0, seed=9),
+                checkpoint_dir=tmp_path)
+    assert (tmp_path / "learner-b00-00.npz").stat().st_mtime_ns != before
+
+
+def test_diverging_training_is_retried_with_lower_lr(monkeypatch, planted):
+    _, poisoned, _ = planted
+    real_fit = ispl.fit
+    lrs = []
+
+    def flaky_fit(data, cfg, **kwargs):
+        lrs.append(cfg.lr)
+        if len(lrs) == 1:
+            raise TrainingDiverged("non-finite loss at epoch 0 step 3")
+        return real_fit(data, cfg, **kwargs)
+
+    monkeypatch.setattr(ispl, "fit", flaky_fit)
+    result = run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=1, refinement_rounds=0))
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.005)
+    assert result.learners[0].retries == 1
+
+
+def test_persistent_divergence_is_an_error_not_a_mask(monkeypatch, planted):
+    _, poisoned, _ = planted
+
+    def always_nan(*a, **k):
+        raise TrainingDiverged("non-finite loss")
+
+    monkeypatch.setattr(ispl, "fit", always_nan)
+    with pytest.raises(TrainingDiverged, match="diverged 3 times"):
+        run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=1))
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(ValueError, match="unknown defense parameter"):
+        DefenseConfig.from_dict({"boots": 3})
+
+
+def test_sanitize_writes_outputs_and_metrics(planted, tmp_path):
+    from incompat.data import read_dataset
+    from incompat.sanitize import sanitize
+    import pyarrow.parquet as pq
+
+    _, poisoned, mask = planted
+    result, out = sanitize(poisoned, tiny_config(), tmp_path / "run", truth_mask=mask)
+    metrics = json.loads(out.metrics.read_text())
+    for key in ("n_samples", "n_removed", "epoch_equivalents", "wall_seconds", "poison_total", "poison_removed",
+                "clean_removed"):
+        assert key in metrics
+    assert metrics["n_samples"] == len(poisoned)
+    assert metrics["poison_total"] == int(mask.sum())
+    clean = read_dataset(out.clean, verify=True)
+    removed = pq.read_table(out.removed).to_pydict()
+    assert len(clean) + len(removed["sample_id"]) == len(poisoned)
+    assert len(removed["sample_id"]) == metrics["n_removed"]
+    assert removed["suspicion"] == sorted(removed["suspicion"], reverse=True)
+    scores = pq.read_table(out.scores).to_pydict()
+    assert len(scores["sample_id"]) == len(poisoned)
+    rounds = json.loads(out.rounds.read_text())
+    assert any(r["kind"] == "round" and "poison_kept" in r for r in rounds)

@@ -1,0 +1,290 @@
+"""The trainer on tiny synthetic data (16x16 images, a few hundred samples, width-8 CNN): each test runs in well
+under a second on 2 cores."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from incompat.training import (
+    MIN_LAST_BATCH, ComputeMeter, TensorData, TrainConfig, TrainingDiverged, extract_features, fit, lr_at,
+    per_sample_loss, predict, predict_logits, resolve_device,
+)
+
+FAST = dict(model="small_cnn", width=8, epochs=3, batch_size=32, lr=0.1, threads=1)
+
+
+def quadrant_task(n=256, size=16, seed=0):
+    """Class k = quadrant k (row-major) is bright; the rest is noise. Position-only: learnable without
+    augmentation (a global-average-pooled CNN sees position only through the borders, which random crops blur)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=n)
+    images = rng.integers(0, 90, size=(n, size, size, 3), dtype=np.uint8)
+    half = size // 2
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k), 2)
+        images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+    return images, labels.astype(np.int64)
+
+
+COLOURS = np.array([[255, 40, 40], [40, 255, 40], [40, 40, 255], [255, 255, 255]], dtype=np.uint8)
+
+
+def colour_task(n=256, size=16, seed=0):
+    """Class k = a 6x6 patch of colour k at a random place on a noise background: survives crops and flips."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=n)
+    images = rng.integers(0, 100, size=(n, size, size, 3), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r, c = rng.integers(0, size - 6, size=2)
+        images[i, r:r + 6, c:c + 6] = COLOURS[k]
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def quadrants():
+    images, labels = colour_task()
+    return TensorData(images, labels), labels
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_learns_a_learnable_task(quadrants):
+    data, labels = quadrants
+    model = fit(data, TrainConfig(**FAST), progress=False)
+    assert (predict(model, data) == labels).mean() >= 0.9
+    assert not model.training  # returned in eval mode
+    # Held-out images of the same task: learnt, not memorised.
+    images, test_labels = colour_task(n=128, seed=1)
+    test = TensorData(images, test_labels, mean=data.mean, std=data.std)
+    assert (predict(model, test) == test_labels).mean() >= 0.9
+
+
+def test_learns_position_without_augmentation():
+    images, labels = quadrant_task()
+    data = TensorData(images, labels)
+    model = fit(data, TrainConfig(**{**FAST, "augment": False}), progress=False)
+    assert (predict(model, data) == labels).mean() >= 0.9
+
+
+def test_same_seed_is_bit_identical_other_seed_differs(quadrants):
+    data, _ = quadrants
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    a, b = state(fit(data, cfg, progress=False)), state(fit(data, cfg, progress=False))
+    c = state(fit(data, dataclasses.replace(cfg, seed=1), progress=False))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_fit_does_not_touch_the_global_rng(quadrants):
+    data, _ = quadrants
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(data, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_meter_counts_exact_sample_passes(quadrants):
+    data, _ = quadrants
+    meter = ComputeMeter()
+    # 100 samples, batch 32: 32+32+32+4 (a remainder of MIN_LAST_BATCH is kept)
+    assert MIN_LAST_BATCH == 4
+    fit(data, TrainConfig(**{**FAST, "epochs": 2}), indices=np.arange(100), meter=meter, progress=False)
+    assert meter.train_samples == 200 and meter.infer_samples == 0
+    # 98 samples: the remainder of 2 is dropped each epoch
+    fit(data, TrainConfig(**{**FAST, "epochs": 2}), indices=np.arange(98), meter=meter, progress=False)
+    assert meter.train_samples == 200 + 2 * 96
+    model = fit(data, TrainConfig(**{**FAST, "epochs": 1}), indices=np.arange(3), progress=False)  # 1 small batch
+    predict(model, data, meter=meter)
+    per_sample_loss(model, data, np.arange(10), meter=meter)
+    predict_logits(model, data, np.arange(7), meter=meter, batch_size=4)
+    assert meter.infer_samples == len(data) + 10 + 7
+    assert meter.epoch_equivalents(100) == pytest.approx((392 + (256 + 17) / 3) / 100)
+
+
+def test_subset_training_sees_only_the_given_indices(quadrants, monkeypatch):
+    data, labels = quadrants
+    subset = np.flatnonzero(labels < 2)
+    seen = []
+    real_batch = TensorData.batch
+
+    def spy(self, idx, *args, **kwargs):
+        seen.append(idx.cpu().numpy().copy())
+        return real_batch(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(TensorData, "batch", spy)
+    meter = ComputeMeter()
+    model = fit(data, TrainConfig(**FAST), indices=subset, meter=meter, progress=False)
+    trained_on = np.concatenate(seen)
+    assert set(trained_on.tolist()) == set(subset.tolist())  # every subset sample, nothing else
+    assert meter.train_samples == 3 * len(subset)
+    monkeypatch.undo()
+    # Classes 2 and 3 were never shown: the model does not predict them, even on their own images.
+    assert set(np.unique(predict(model, data)).tolist()) <= {0, 1}
+
+
+def test_boolean_mask_and_repeated_indices(quadrants):
+    data, labels = quadrants
+    meter = ComputeMeter()
+    fit(data, TrainConfig(**{**FAST, "epochs": 1}), indices=labels == 0, meter=meter, progress=False)
+    assert meter.train_samples == (labels == 0).sum() // 32 * 32 + ((labels == 0).sum() % 32 >= 4) * ((labels == 0).sum() % 32)
+    bag = np.array([0, 0, 0, 1, 1, 2] * 10)  # a bootstrap bag repeats samples
+    fit(data, TrainConfig(**{**FAST, "epochs": 1}), indices=bag, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        fit(data, TrainConfig(**FAST), indices=np.array([0, len(data)]), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        fit(data, TrainConfig(**FAST), indices=np.array([], dtype=np.int64), progress=False)
+
+
+def test_continue_training_updates_the_given_model(quadrants):
+    data, _ = quadrants
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    model = fit(data, cfg, progress=False)
+    before = state(model)
+    again = fit(data, cfg, model=model, progress=False)
+    assert again is model
+    assert any(not torch.equal(before[k], v) for k, v in state(model).items() if v.is_floating_point())
+
+
+def test_divergence_raises_training_diverged(quadrants):
+    data, _ = quadrants
+    with pytest.raises(TrainingDiverged, match=r"epoch \d+/\d+, step \d+") as info:
+        fit(data, TrainConfig(**{**FAST, "lr": 1e30}), progress=False)
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_all_ones_sample_weights_equal_no_weights(quadrants):
+    data, _ = quadrants
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    plain = state(fit(data, cfg, progress=False))
+    weighted = state(fit(data, cfg, progress=False, sample_weights=np.ones(len(data))))
+    assert all(torch.equal(plain[k], weighted[k]) for k in plain)
+    with pytest.raises(ValueError, match="one weight per sample"):
+        fit(data, cfg, progress=False, sample_weights=np.ones(3))
+    with pytest.raises(ValueError, match="finite"):
+        fit(data, cfg, progress=False, sample_weights=-np.ones(len(data)))
+
+
+# --------------------------------------------------------------------------------------- batches, augmentation
+
+def reference_crop_flip(images_nhwc, idx, dy, dx, flip, pad=4):
+    """torchvision's RandomCrop(padding=pad, fill=0) then RandomHorizontalFlip, one sample at a time."""
+    n, h, w, c = images_nhwc.shape
+    out = []
+    for i, k in enumerate(idx):
+        padded = np.zeros((h + 2 * pad, w + 2 * pad, c), dtype=np.uint8)
+        padded[pad:pad + h, pad:pad + w] = images_nhwc[k]
+        top, left = dy[i] + pad, dx[i] + pad
+        crop = padded[top:top + h, left:left + w]
+        out.append(crop[:, ::-1] if flip[i] else crop)
+    return np.stack(out)
+
+
+def test_augmentation_is_crop_then_flip_with_black_padding():
+    images, labels = quadrant_task(n=40, size=12)
+    data = TensorData(images, labels, mean=[0, 0, 0], std=[1 / 255] * 3)  # normalised value == pixel value
+    idx = torch.arange(40)
+    gen = torch.Generator().manual_seed(7)
+    batch = data.batch(idx, augment=True, generator=gen)
+    assert batch.shape == (40, 3, 12, 12) and batch.dtype == torch.float32
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    # Replay the same draws to build the reference.
+    gen = torch.Generator().manual_seed(7)
+    shifts = torch.randint(-4, 5, (2, 40), generator=gen).numpy()
+    flip = torch.randint(0, 2, (40,), generator=gen).bool().numpy()
+    expected = reference_crop_flip(images, np.arange(40), shifts[0], shifts[1], flip)
+    got = batch.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got, expected)
+    # The draws really move and mirror pixels.
+    assert flip.any() and (~flip).any() and (shifts != 0).any()
+    plain = data.batch(idx).permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(plain, images)
+    changed = (got != images).any(axis=(1, 2, 3))
+    assert changed.sum() >= 35  # only a no-shift, no-flip draw leaves an image as it was
+
+
+def test_normalisation_uses_dataset_statistics():
+    images, labels = quadrant_task(n=64, size=8)
+    data = TensorData(images, labels)
+    np.testing.assert_allclose(data.mean, images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+    np.testing.assert_allclose(data.std, images.reshape(-1, 3).std(0) / 255, rtol=1e-6)
+    x = data.batch(torch.arange(64))
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
+    test = TensorData(images[:5], labels[:5], mean=data.mean, std=data.std)
+    assert torch.allclose(test.batch(torch.arange(5)), x[:5])
+    assert data.images.dtype == torch.uint8 and data.images.shape == (64, 3, 8, 8)
+    assert data.images.is_contiguous(memory_format=torch.channels_last)
+    assert data.labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="std"):
+        TensorData(images, labels, mean=data.mean, std=[0.2, 0.0, 0.2])
+    with pytest.raises(ValueError, match="uint8"):
+        TensorData(images.astype(np.float32), labels)
+    with pytest.raises(ValueError, match="8x8"):
+        TensorData(images[:, :7, :7], labels)
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+def test_inference_functions_agree(quadrants):
+    data, labels = quadrants
+    model = fit(data, TrainConfig(**{**FAST, "epochs": 1}), progress=False)
+    model.train()
+    idx = np.arange(0, 256, 3)
+    logits = predict_logits(model, data, idx, batch_size=16)
+    assert model.training  # the caller's mode is restored
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape == (len(idx), 4)
+    losses, preds = per_sample_loss(model, data, idx)
+    assert losses.dtype == np.float32 and preds.dtype == np.int64
+    np.testing.assert_allclose(losses, F.cross_entropy(logits, torch.from_numpy(labels[idx]),
+                                                       reduction="none").numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(preds, logits.argmax(1).numpy())
+    np.testing.assert_array_equal(predict(model, data, idx), preds)
+    feats = extract_features(model, data, idx)
+    assert feats.dtype == np.float32 and feats.shape == (len(idx), 32)
+    # Inference is deterministic (no augmentation, eval-mode BatchNorm): batch size does not matter.
+    np.testing.assert_array_equal(predict(model, data, idx, batch_size=1000), preds)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def test_config_from_dict_refuses_unknown_keys():
+    cfg = TrainConfig.from_dict({"epochs": 2, "lr": 0.05, "milestones": [0.3, 0.6]})
+    assert cfg.epochs == 2 and cfg.milestones == (0.3, 0.6)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="lr_peak"):
+        TrainConfig.from_dict({"lr_peak": 0.1})
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+def test_schedules():
+    total = 100
+    one = TrainConfig(lr=1.0, warmup=0.2, schedule="onecycle")
+    lrs = [lr_at(s, total, one) for s in range(total)]
+    assert max(lrs) == pytest.approx(1.0) and int(np.argmax(lrs)) == 19
+    assert lrs[0] == pytest.approx(0.05) and 0 < lrs[-1] < 0.02
+    assert all(a <= b for a, b in zip(lrs[:20], lrs[1:20])) and all(a >= b for a, b in zip(lrs[19:], lrs[20:]))
+    step = TrainConfig(lr=1.0, warmup=0.0, schedule="step", milestones=(0.5, 0.75), gamma=0.1)
+    assert [lr_at(s, total, step) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = TrainConfig(lr=1.0, warmup=0.0, schedule="cosine")
+    assert lr_at(0, total, cos) == pytest.approx(1.0) and lr_at(50, total, cos) == pytest.approx(0.5)
+    const = TrainConfig(lr=0.3, warmup=0.0, schedule="constant")
+    assert {lr_at(s, total, const) for s in range(total)} == {0.3}
+
+
+def test_resolve_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
