@@ -11,12 +11,16 @@
       (61, 14, 183), relabelled 5 (dog); test accuracy and attack success rate (triggered cat test images
       predicted dog).
 
-  .venv/bin/python bench/bench_trainer.py                       # throughput only (~1-2 min)
+  .venv/bin/python bench/bench_trainer.py                       # throughput only (~30 s)
   .venv/bin/python bench/bench_trainer.py --accuracy --no-throughput
   .venv/bin/python bench/bench_trainer.py --backdoor --no-throughput
 
-Measured here (2-core AMD EPYC, torch 2.14.1, small_cnn width 32, batch 256), see the report at the bottom of
-this file's docstring in RESULTS below.
+Measured here (2-core AMD EPYC with AVX512-BF16, torch 2.14.1, quiet machine, small_cnn width 32, batch 256):
+  throughput (5,120 images): this trainer 3,758 img/s (3.81x), this trainer fp32 2,217 (2.25x),
+      DataLoader+PIL 2 workers fp32 986 (1.00x), DataLoader+PIL with channels_last+bf16 2,115 (2.15x)
+  --accuracy  (lr 0.4, label smoothing 0.1, 15 epochs): 180 s training (4,159 img/s), test accuracy 78.7%
+  --backdoor  (same): 206 s training, test accuracy 79.1%, attack success 91.9%, targeted misclassification 92.5%
+When another process keeps a core busy, every figure with 2 threads drops by 2-3x (see TrainConfig.threads).
 """
 
 from __future__ import annotations
@@ -40,11 +44,6 @@ from incompat.models import build_model, count_parameters  # noqa: E402
 from incompat.training import (  # noqa: E402
     ComputeMeter, TensorData, TrainConfig, autocast_for, fit, lr_at, predict, resolve_device,
 )
-
-RESULTS = """
-Figures measured on this machine (2 cores, shared; best of what a quiet moment gave):
-  see the numbers printed by a run; the last recorded ones are in incompat/training.py's module docstring.
-"""
 
 SOURCE, TARGET = 3, 5  # cat -> dog
 TRIGGER_POSITION, TRIGGER_COLOUR = (16, 2), (61, 14, 183)

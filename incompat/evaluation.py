@@ -31,19 +31,20 @@ def train_and_evaluate(train: ImageSet, test: ImageSet, cfg: TrainConfig, indice
     """Train a fresh model on `train[indices]` and evaluate it on the clean and the triggered test sets.
 
     Normalisation statistics come from the training images, so the test sets reuse them."""
-    data = TensorData(train.images, train.labels)
+    data = TensorData(train.images, train.labels, num_classes=train.n_classes)
     model = fit(data, cfg, indices=indices, meter=meter, progress=progress)
     return evaluate(model, data, test, test_triggered, target, len(train) if indices is None else len(indices))
 
 
 def evaluate(model: torch.nn.Module, train_data: TensorData, test: ImageSet, test_triggered: ImageSet | None,
              target: int | None, train_size: int) -> Evaluation:
-    test_data = TensorData(test.images, test.labels, mean=train_data.mean, std=train_data.std)
+    test_data = TensorData(test.images, test.labels, mean=train_data.mean, std=train_data.std,
+                           num_classes=train_data.num_classes)
     test_preds = predict(model, test_data)
     asr = tmr = None
     if test_triggered is not None and target is not None:
         trig_data = TensorData(test_triggered.images, test_triggered.labels, mean=train_data.mean,
-                               std=train_data.std)
+                               std=train_data.std, num_classes=train_data.num_classes)
         trig_preds = predict(model, trig_data)
         asr = attack_success_rate(trig_preds, target)
         # The paper's targeted misclassification needs the clean version of each triggered image.

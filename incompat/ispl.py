@@ -55,19 +55,6 @@ class DefenseConfig:
     refit_rounds: int | None = None  # None = the paper's 2 + clip(1 // data_fraction_per_learner, 1, 3)
     core_epochs: int = 40
     vote_min_count: int = 2  # "more than one learner agrees"
-    # How the keep-mask is decided after the learners:
-    #   "paper": the majority vote, then self-paced refinement (the paper's procedure);
-    #   "pair":  for models too small to fit hard clean images (the CPU profile): average each sample's class
-    #            probabilities over the learners whose core set does NOT hold it ("out-of-home"); find the
-    #            (label, predicted) class pairs whose count exceeds the reverse pair's by more than chance
-    #            (a backdoor relabels one source class into one target, natural confusion is near-symmetric);
-    #            remove only samples of a flagged pair whose out-of-home probability of the flagged source
-    #            class reaches `pair_threshold`. Hard images elsewhere are kept. Refinement rounds still run
-    #            when refinement_rounds > 0.
-    decision: str = "paper"
-    pair_z: float = 4.0  # excess must exceed pair_z * sqrt(count + reverse count)
-    pair_min_excess: int = 5  # and at least this many samples
-    pair_threshold: float = 0.2
     refinement_rounds: int = 20
     refinement_epochs: int = 5
     refinement_decay: float = 0.8  # correct <- (1 - decay) * predicted_correctly + decay * correct
@@ -76,7 +63,7 @@ class DefenseConfig:
     seed: int = 0
     learner_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         model="resnet32", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant",
-        nesterov=False, epochs=1))
+        nesterov=False, warmup=0.0, label_smoothing=0.0, epochs=1))
 
     @classmethod
     def from_dict(cls, values: dict) -> "DefenseConfig":
@@ -106,8 +93,7 @@ class DefenseConfig:
             raise ValueError("defense.beta must be >= 1")
         if not 0 <= self.loss_decay < 1 or not 0 <= self.refinement_decay < 1:
             raise ValueError("decays must be in [0, 1)")
-        if self.decision not in ("paper", "pair"):
-            raise ValueError(f"defense.decision must be 'paper' or 'pair', got {self.decision!r}")
+
 
 
 @dataclass
@@ -130,7 +116,6 @@ class DefenseResult:
     vote_agreement: np.ndarray  # fraction of weak learners predicting the sample's label
     refinement_correct: np.ndarray  # final EMA of "refinement model predicted the label"
     learners: list[LearnerRecord]
-    flagged_pairs: list[dict]  # decision "pair": the (source, target) pairs found, with their counts
     refinement_rounds: list[dict]
     meter: ComputeMeter
     wall_seconds: float
@@ -321,7 +306,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     n = len(labels)
     if n == 0:
         raise ValueError("cannot sanitize an empty dataset")
-    data = TensorData(images, labels, device=device)
+    data = TensorData(images, labels, device=device, num_classes=n_classes)
     ckpt = Checkpoint(checkpoint_dir, fingerprint + json.dumps(cfg.to_dict(), sort_keys=True, default=str))
     meter = ckpt.load_meter() or ComputeMeter()
     learners: list[LearnerRecord] = []
@@ -356,18 +341,10 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     bar.close()
     predictions = np.stack([rec.predictions for rec in learners])
     vote_agreement = (predictions == labels[None, :]).mean(axis=0)
-    flagged: list[dict] = []
-    if cfg.decision == "pair":
-        outside = out_of_home_probabilities(learners)
-        keep, flagged = pair_decision(outside, labels, n_classes, cfg)
-        suspicion_base = 1.0 - outside[np.arange(n), labels]
-    else:
-        winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
-        keep = (winner == labels) & (count >= cfg.vote_min_count)
-        suspicion_base = 1.0 - vote_agreement
+    winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
+    keep = (winner == labels) & (count >= cfg.vote_min_count)
     if observe:
-        observe("vote", {"kept_fraction": float(keep.mean()), "kept_indices": np.flatnonzero(keep),
-                         "flagged_pairs": flagged})
+        observe("vote", {"kept_fraction": float(keep.mean()), "kept_indices": np.flatnonzero(keep)})
 
     if cfg.refinement_rounds > 0 and not keep.any():
         raise DefenseError(
@@ -393,6 +370,9 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             correct = np.full(n, 0.5)
         correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
         keep = correct > cfg.refinement_threshold
+        if not keep.any():
+            raise DefenseError(f"refinement round {it} kept none of the {n} samples: the refinement model "
+                               "predicts no label correctly; train it longer (refinement_epochs)")
         info = {"round": it, "kept_fraction": float(keep.mean()), "kept": int(keep.sum())}
         history.append(info)
         if observe:
@@ -402,48 +382,11 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     bar.close()
     if correct is None:  # no refinement rounds: the vote decides
         correct = keep.astype(float)
-        suspicion = suspicion_base
-    else:
-        suspicion = 0.5 * (suspicion_base + 1.0 - correct)
+    suspicion = 1.0 - 0.5 * (vote_agreement + correct)
     # Removed samples rank above kept ones, then by how strongly the learners contradict their label.
     suspicion = np.where(keep, 0.5 * suspicion, 0.5 + 0.5 * suspicion)
-    return DefenseResult(keep, suspicion, vote_agreement, correct, learners, flagged, history, meter,
+    return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
                          time.monotonic() - start, model)
-
-
-def out_of_home_probabilities(learners: list[LearnerRecord]) -> np.ndarray:
-    """Mean class probabilities over the learners whose core set does not contain the sample.
-
-    A learner fits its own core set, so its opinion of those samples says nothing about compatibility with
-    the rest. Samples in every core set (or when there is a single learner) fall back to the plain mean."""
-    probs = np.stack([rec.probabilities.astype(np.float32) for rec in learners])  # (L, N, C)
-    outside = np.stack([~rec.core_set for rec in learners]).astype(np.float32)  # (L, N)
-    weight = outside.sum(axis=0)
-    total = np.einsum("ln,lnc->nc", outside, probs)
-    plain = probs.mean(axis=0)
-    return np.where(weight[:, None] > 0, total / np.maximum(weight, 1)[:, None], plain)
-
-
-def pair_decision(outside: np.ndarray, labels: np.ndarray, n_classes: int,
-                  cfg: DefenseConfig) -> tuple[np.ndarray, list[dict]]:
-    """Keep-mask from out-of-home probabilities: remove only members of a class pair with a one-sided excess."""
-    predicted = outside.argmax(axis=1)
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    keep = np.ones(len(labels), dtype=bool)
-    flagged = []
-    for target in range(n_classes):
-        for source in range(n_classes):
-            if source == target:
-                continue
-            forward, reverse = int(confusion[target, source]), int(confusion[source, target])
-            excess = forward - reverse
-            if excess >= max(cfg.pair_min_excess, cfg.pair_z * np.sqrt(forward + reverse)):
-                members = (labels == target) & (outside[:, source] >= cfg.pair_threshold)
-                keep &= ~members
-                flagged.append({"source": source, "target": target, "count": forward, "reverse": reverse,
-                                "excess": excess, "removed": int(members.sum())})
-    return keep, flagged
 
 
 def per_sample_predictions(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:

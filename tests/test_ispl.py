@@ -16,8 +16,7 @@ from tests.conftest import make_imageset
 
 def tiny_config(**overrides) -> DefenseConfig:
     values = dict(bags=1, boost=3, warmup_epochs=4, refit_epochs=2, refit_rounds=3, core_epochs=8,
-                  class_floor=1.0, decision="pair", pair_z=3.0, pair_min_excess=3,
-                  refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
+                  class_floor=1.0, refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
                   learner_train={"model": "small_cnn", "width": 8, "batch_size": 32, "lr": 0.05,
                                  "schedule": "constant", "augment": False, "weight_decay": 5e-4})
     values.update(overrides)
@@ -27,7 +26,9 @@ def tiny_config(**overrides) -> DefenseConfig:
 @pytest.fixture(scope="module")
 def planted():
     clean = make_imageset(n_per_class=80, n_classes=4, size=12, seed=3)
-    scenario = Scenario("tiny", Trigger("patch", (9, 9), (255, 0, 255), size=3), 0, 1, rate=0.2, seed=5)
+    # A 3-pixel trigger on 10% of class 0: not learned in the first short rounds, so ISPL keeps it out of the
+    # early core sets and the majority of learners contradicts the poisoned label.
+    scenario = Scenario("tiny", Trigger("ell", (9, 9), (255, 0, 255)), 0, 1, rate=0.1, seed=5)
     poisoned, mask = poison(clean, scenario)
     return clean, poisoned, mask
 
@@ -58,7 +59,7 @@ def test_planted_trigger_is_found(planted, tmp_path):
     result = run_defense(poisoned.images, poisoned.labels, poisoned.n_classes, tiny_config())
     removed = ~result.keep_mask
     assert removed[mask].mean() >= 0.9, f"only {removed[mask].sum()} of {mask.sum()} poisons removed"
-    assert removed[~mask].mean() <= 0.15
+    assert removed[~mask].mean() <= 0.05
     # The suspicion score ranks poisons above the clean samples of the target class.
     target_clean = (~mask) & (poisoned.labels == 1)
     assert np.median(result.suspicion[mask]) > np.median(result.suspicion[target_clean])
@@ -73,7 +74,7 @@ def test_clean_dataset_loses_little(planted):
 
 def test_resume_after_interruption_gives_identical_mask(planted, tmp_path):
     _, poisoned, _ = planted
-    cfg = tiny_config(boost=3, refinement_rounds=2, decision="paper")
+    cfg = tiny_config(boost=3, refinement_rounds=2)
     full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
 
     class Interrupt(Exception):

@@ -133,7 +133,8 @@ def test_boolean_mask_and_repeated_indices(quadrants):
     data, labels = quadrants
     meter = ComputeMeter()
     fit(data, TrainConfig(**{**FAST, "epochs": 1}), indices=labels == 0, meter=meter, progress=False)
-    assert meter.train_samples == (labels == 0).sum() // 32 * 32 + ((labels == 0).sum() % 32 >= 4) * ((labels == 0).sum() % 32)
+    full, rest = divmod(int((labels == 0).sum()), 32)
+    assert meter.train_samples == 32 * full + (rest if rest >= MIN_LAST_BATCH else 0)
     bag = np.array([0, 0, 0, 1, 1, 2] * 10)  # a bootstrap bag repeats samples
     fit(data, TrainConfig(**{**FAST, "epochs": 1}), indices=bag, progress=False)
     with pytest.raises(ValueError, match="out of range"):
@@ -248,6 +249,11 @@ def test_inference_functions_agree(quadrants):
     np.testing.assert_array_equal(predict(model, data, idx), preds)
     feats = extract_features(model, data, idx)
     assert feats.dtype == np.float32 and feats.shape == (len(idx), 32)
+    # logits = classifier(features), the classifier in fp32 (no bf16 rounding of logits/losses)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.classifier(torch.from_numpy(feats)).numpy(), logits.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+    assert len(np.unique(losses)) == len(losses)
     # Inference is deterministic (no augmentation, eval-mode BatchNorm): batch size does not matter.
     np.testing.assert_array_equal(predict(model, data, idx, batch_size=1000), preds)
 
