@@ -44,7 +44,8 @@ GTSRB_SCENARIOS = [
 ]
 
 FIELDS = ["dataset", "n_train", "scenario", "method", "poison_total", "poison_removed", "clean_removed",
-          "clean_removed_pct", "recall_pct", "asr_before", "asr_after", "acc_before", "acc_after",
+          "clean_removed_pct", "recall_pct", "asr_before", "asr_after", "tmr_before", "tmr_after", "acc_before",
+          "acc_after",
           "defense_seconds", "epoch_equivalents", "retrain_seconds"]
 
 
@@ -127,6 +128,8 @@ def main() -> None:
                        "recall_pct": round(100 * conf["recall"], 2),
                        "asr_before": None if before is None else round(100 * before.attack_success_rate, 2),
                        "asr_after": round(100 * ev.attack_success_rate, 2),
+                       "tmr_before": None if before is None else round(100 * before.targeted_misclassification, 2),
+                       "tmr_after": round(100 * ev.targeted_misclassification, 2),
                        "acc_before": None if before is None else round(100 * before.clean_accuracy, 2),
                        "acc_after": round(100 * ev.clean_accuracy, 2),
                        "defense_seconds": round(defense_seconds, 1), "epoch_equivalents": round(cost, 2),
@@ -171,6 +174,7 @@ def format_row(row: dict) -> str:
     return (f"{row['scenario']:32} {row['method']:8} poison {row['poison_removed']:>4}/{row['poison_total']:<4} "
             f"clean-removed {row['clean_removed']:>5} ({row['clean_removed_pct']:5.2f}%) "
             f"ASR {row['asr_before'] if row['asr_before'] is not None else '-':>6}->{row['asr_after']:6.2f} "
+            f"TMR {row['tmr_before'] if row['tmr_before'] is not None else '-':>6}->{row['tmr_after']:6.2f} "
             f"acc {row['acc_before'] if row['acc_before'] is not None else '-':>6}->{row['acc_after']:6.2f} "
             f"defense {row['defense_seconds']:7.1f}s cost {row['epoch_equivalents']:6.2f} ep-eq")
 

@@ -13,6 +13,7 @@ clustering unflattened activations, and the two algorithms are a few lines each 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,8 @@ def spectral_signatures(features: np.ndarray, labels: np.ndarray, n_classes: int
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         class_scores = (centred @ vt[0]) ** 2
         scores[rows] = class_scores
-        n_remove = min(len(rows), int(np.ceil(removal_factor * epsilon * len(rows))))
+        # round() first: 1.5 * 0.1 * 200 is 30.000000000000004 in floating point, not 31 samples.
+        n_remove = min(len(rows), int(np.ceil(round(removal_factor * epsilon * len(rows), 6))))
         if n_remove:
             remove[rows[np.argsort(-class_scores, kind="stable")[:n_remove]]] = True
     return DetectorResult(remove, scores)
@@ -48,6 +50,7 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, n_classes: i
                           max_cluster_fraction: float = 0.35, seed: int = 0) -> DetectorResult:
     from sklearn.cluster import KMeans
     from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
 
     features = np.asarray(features, dtype=np.float64)
     remove = np.zeros(len(labels), dtype=bool)
@@ -60,8 +63,11 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, n_classes: i
         x = x - x.mean(axis=0)
         n_comp = min(components, x.shape[1], len(rows) - 1)
         try:
-            reduced = FastICA(n_components=n_comp, random_state=seed, max_iter=400,
-                              whiten="unit-variance").fit_transform(x)
+            with warnings.catch_warnings():
+                # Non-convergence only means the components are approximate; 2-means still runs on them.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                reduced = FastICA(n_components=n_comp, random_state=seed, max_iter=400,
+                                  whiten="unit-variance").fit_transform(x)
         except (ValueError, np.linalg.LinAlgError):
             reduced = x[:, :n_comp]
         assignment = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)

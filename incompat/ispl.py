@@ -160,12 +160,25 @@ def vote(predictions: np.ndarray, n_classes: int, rng: np.random.Generator) -> t
     return keys.argmax(axis=1), best
 
 
-class Checkpoint:
-    """One JSON + NPZ per finished weak learner / refinement round. Loaded with allow_pickle=False."""
+# Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
+AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
+                  "refinement_threshold")
 
-    def __init__(self, directory: str | Path | None, fingerprint: str):
+
+def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
+    values = {k: v for k, v in cfg.to_dict().items() if k not in AFTER_LEARNERS}
+    return data_digest + json.dumps(values, sort_keys=True, default=str)
+
+
+class Checkpoint:
+    """One JSON + NPZ per finished weak learner, one file for the refinement state. Learner files are valid for
+    one (dataset, learner parameters) fingerprint; the refinement state also records the refinement parameters
+    and is ignored when they differ. Loaded with allow_pickle=False / weights_only=True."""
+
+    def __init__(self, directory: str | Path | None, fingerprint: str, refinement_fingerprint: str = ""):
         self.directory = Path(directory) if directory else None
         self.fingerprint = fingerprint
+        self.refinement_fingerprint = refinement_fingerprint
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
             marker = self.directory / "fingerprint.txt"
@@ -211,7 +224,8 @@ class Checkpoint:
         if not self.directory:
             return
         with atomic_output(self._path("refinement", "pt")) as tmp:
-            torch.save({"round": round_index, "state_dict": model.state_dict(),
+            torch.save({"round": round_index, "fingerprint": self.refinement_fingerprint,
+                        "state_dict": model.state_dict(),
                         "correct": torch.from_numpy(correct), "keep": torch.from_numpy(keep),
                         "history": json.dumps(history),
                         "meter": json.dumps(dataclasses.asdict(meter))}, tmp)
@@ -219,7 +233,8 @@ class Checkpoint:
     def load_refinement(self) -> dict | None:
         if not self.directory or not self._path("refinement", "pt").exists():
             return None
-        return torch.load(self._path("refinement", "pt"), weights_only=True, map_location="cpu")
+        state = torch.load(self._path("refinement", "pt"), weights_only=True, map_location="cpu")
+        return state if state.get("fingerprint") == self.refinement_fingerprint else None
 
     def save_meter(self, meter: ComputeMeter) -> None:
         if self.directory:
@@ -307,7 +322,8 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     if n == 0:
         raise ValueError("cannot sanitize an empty dataset")
     data = TensorData(images, labels, device=device, num_classes=n_classes)
-    ckpt = Checkpoint(checkpoint_dir, fingerprint + json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+    ckpt = Checkpoint(checkpoint_dir, learner_fingerprint(cfg, fingerprint),
+                      json.dumps(cfg.to_dict(), sort_keys=True, default=str))
     meter = ckpt.load_meter() or ComputeMeter()
     learners: list[LearnerRecord] = []
     per_learner = cfg.data_fraction / cfg.boost

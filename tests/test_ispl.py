@@ -175,3 +175,21 @@ def test_sanitize_writes_outputs_and_metrics(planted, tmp_path):
     assert len(scores["sample_id"]) == len(poisoned)
     rounds = json.loads(out.rounds.read_text())
     assert any(r["kind"] == "round" and "poison_kept" in r for r in rounds)
+
+
+def test_changing_only_refinement_reuses_the_learners(planted, tmp_path, monkeypatch):
+    _, poisoned, _ = planted
+    run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=2, refinement_rounds=1),
+                checkpoint_dir=tmp_path)
+    trained = []
+    original = ispl.weak_learner
+
+    def counting(*args, **kwargs):
+        trained.append(kwargs.get("name"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ispl, "weak_learner", counting)
+    result = run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=2, refinement_rounds=2),
+                         checkpoint_dir=tmp_path)
+    assert trained == []
+    assert len(result.refinement_rounds) == 2  # the refinement itself ran again with its new parameters
