@@ -1,11 +1,11 @@
 """ISPL+B: inverse self-paced learning weak learners, boosting, a majority vote and self-paced refinement.
 
 Follows Jin, Sun & Rinard (ICLR 2023) and its public code:
-  weak learner  start from a random half of the active set; train; per-sample loss over the active set,
-                smoothed across rounds (EMA, decay 0.9); keep the lowest-loss fraction overall OR below a per-class
-                quantile (so no class vanishes); train the next round on a random 1/beta of the kept set;
-                the threshold shrinks from 3x to 1x the data fraction; a fresh model is trained on the final
-                kept set (the core set).
+  weak learner  start from a random half of the data (later learners of a bag: their whole active set);
+                train; per-sample loss over the active set, smoothed across rounds (EMA, decay 0.9); keep the
+                lowest-loss fraction overall OR below a per-class quantile (so no class vanishes); train the next
+                round on a random 1/beta of the kept set; the threshold shrinks from 3x to 1x the data fraction;
+                a fresh model is trained on the final kept set (the core set).
   boosting      `boost` learners per bag, each removing its core set from the active set; `bags` passes.
   vote          every learner's core model predicts the full dataset; keep where the (seeded, random tie-break)
                 plurality equals the label and more than one learner agrees.
@@ -275,8 +275,9 @@ def weak_learner(data: TensorData, labels: np.ndarray, n_classes: int, active: n
     n_rounds = refit_rounds_for(cfg, data_perc)
     retries = 0
     rounds: list[dict] = []
-    # Round 0 trains on a random half of the active set (paper: Binomial(0.5) per sample).
-    train_local = rng.random(len(active_idx)) < 0.5
+    # Round 0: the first learner of a bag starts from a random half (Binomial(0.5) per sample); later learners
+    # start from their whole active set, as in the paper's code.
+    train_local = rng.random(len(active_idx)) < 0.5 if active.all() else np.ones(len(active_idx), dtype=bool)
     active_keep = np.ones(len(active_idx), dtype=bool)
     loss_ema = np.zeros(len(active_idx))
     model = None
