@@ -100,6 +100,11 @@ def main() -> None:
     csv_path = Path(args.csv)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists()
+    if not new_file:
+        with open(csv_path) as existing:
+            header = existing.readline().strip().split(",")
+        if header != FIELDS:
+            sys.exit(f"{csv_path} has other columns ({len(header)}); pass --csv NEW_FILE")
     rows = []
     print(f"# {args.dataset}: {len(train_base)} training images, profile {args.profile}, "
           f"defense {json.dumps(dataclasses.asdict(params.defense), default=str)}", flush=True)
