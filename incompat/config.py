@@ -83,7 +83,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of parameter groups")
-    known_groups = {"ingest", "poison", "train", "defense", "defense_profiles", "report", "grid", "sanitize"}
+    known_groups = {"ingest", "poison", "train", "defense", "defense_profiles"}
     unknown = set(raw) - known_groups
     if unknown:
         raise ConfigError(f"{path}: unknown parameter group(s) {sorted(unknown)}")
