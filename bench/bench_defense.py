@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from incompat.attacks import Scenario, Trigger, parse_scenario_spec, poison, triggered_test  # noqa: E402
 from incompat.baselines import activation_clustering, spectral_signatures  # noqa: E402
-from incompat.config import load_params  # noqa: E402
+from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.data import read_dataset  # noqa: E402
 from incompat.evaluation import evaluate, train_and_evaluate  # noqa: E402
 from incompat.ispl import run_defense  # noqa: E402
@@ -84,13 +84,7 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
 
-    import yaml
-
-    overrides = {}
-    for pair in args.set:
-        key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
+    params = load_params(args.params, profile=args.profile, defense_overrides=parse_overrides(args.set))
     train_cfg = params.train
     cache = ROOT / "bench" / "results" / "cache"
     train_full = load_split(args.dataset, "train", cache)

@@ -79,21 +79,13 @@ def cmd_poison(args) -> int:
     return EXIT_OK
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    overrides: dict = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        import yaml
+def _overrides(pairs: list[str]) -> dict:
+    from incompat.config import ConfigError, parse_overrides
 
-        parsed = yaml.safe_load(value)
-        target = overrides
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = parsed
-    return overrides
+    try:
+        return parse_overrides(pairs)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_sanitize(args) -> int:
@@ -101,7 +93,7 @@ def cmd_sanitize(args) -> int:
     from incompat.data import read_dataset
     from incompat.sanitize import read_truth, sanitize
 
-    params = load_params(args.params, profile=args.profile, defense_overrides=_parse_overrides(args.set))
+    params = load_params(args.params, profile=args.profile, defense_overrides=_overrides(args.set))
     dataset = read_dataset(args.dataset)
     truth = read_truth(args.truth, dataset) if args.truth else None
     progress = not args.quiet and sys.stderr.isatty()
@@ -123,7 +115,7 @@ def cmd_pipeline(args) -> int:
     from flows.pipeline import run_all
     from incompat.config import load_params
 
-    params = load_params(args.params, profile=args.profile, defense_overrides=_parse_overrides(args.set))
+    params = load_params(args.params, profile=args.profile, defense_overrides=_overrides(args.set))
     progress = not args.quiet and sys.stderr.isatty()
     result = run_all(params, Path(args.data_dir), progress=progress,
                      echo=(lambda *_: None) if (args.quiet or args.json) else print)

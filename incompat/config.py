@@ -73,6 +73,21 @@ def resolve_defense(raw: dict, profile: str | None = None, overrides: dict | Non
         raise ConfigError(f"params.yaml [defense, profile {profile}]: {exc}") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` strings (dotted keys for nested groups, values read as YAML) -> an overrides mapping."""
+    overrides: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"an override must look like key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        target = overrides
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(value)
+    return overrides
+
+
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = None,
                 defense_overrides: dict | None = None) -> Params:
     path = Path(path)

@@ -101,7 +101,7 @@ def dataset_digest(sample_ids: Iterable[str], digests: Iterable[str]) -> str:
 
 
 def check_unique_ids(sample_ids: np.ndarray, source: str) -> None:
-    uniq, first, counts = np.unique(sample_ids.astype(str), return_index=True, return_counts=True)
+    uniq, counts = np.unique(sample_ids.astype(str), return_counts=True)
     if len(uniq) != len(sample_ids):
         dup = uniq[counts > 1][0]
         rows = np.flatnonzero(sample_ids.astype(str) == dup)[:3].tolist()
@@ -217,9 +217,3 @@ def read_dataset(path: str | os.PathLike, verify: bool = False) -> ImageSet:
             raise DataError(f"{path}: dataset digest in the metadata does not match its rows")
     return dataset
 
-
-def read_column(path: str | os.PathLike, name: str) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=[name])
-    return np.asarray(table.column(name).to_pylist())

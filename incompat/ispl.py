@@ -30,7 +30,7 @@ import torch
 
 from incompat.files import atomic_output
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
-                               predict_logits)
+                               predict, predict_logits)
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                                         seed=derive_seed(cfg.seed, 3, it))
         model, _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter, f"refinement round {it}",
                                      model=model)
-        preds = per_sample_predictions(model, data, meter)
+        preds = predict(model, data, meter=meter)
         if correct is None:
             correct = np.full(n, 0.5)
         correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
@@ -404,11 +404,6 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     suspicion = np.where(keep, 0.5 * suspicion, 0.5 + 0.5 * suspicion)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
                          time.monotonic() - start, model)
-
-
-def per_sample_predictions(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:
-    _, preds = per_sample_loss(model, data, None, meter=meter)
-    return preds.astype(np.int64)
 
 
 def predict_probabilities(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:

@@ -11,23 +11,24 @@ import numpy as np
 __all__ = ["clean_accuracy", "attack_success_rate", "targeted_misclassification", "detection_confusion"]
 
 
-def _int_array(values, what: str) -> np.ndarray:
+def _nonempty_1d(values, what: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{what} is empty")
+    return arr
+
+
+def _int_array(values, what: str) -> np.ndarray:
+    arr = _nonempty_1d(values, what)
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{what} must hold integer class indices, got {arr.dtype}")
     return arr
 
 
 def _bool_array(values, what: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D array, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{what} is empty")
+    arr = _nonempty_1d(values, what)
     if arr.dtype != bool:
         if not np.isin(arr, (0, 1)).all():
             raise ValueError(f"{what} must be a boolean mask, got values other than 0/1 ({arr.dtype})")

@@ -73,10 +73,12 @@ def sanitize(dataset: ImageSet, cfg: DefenseConfig, out_dir: str | os.PathLike, 
              extra_metrics: dict | None = None) -> tuple[DefenseResult, SanitizeOutputs]:
     out_dir = Path(out_dir)
     recorder = RoundRecorder(truth_mask, forward=observe)
+    source_digest = dataset.dataset_digest()  # hashes every sample: once, for the checkpoints and the metrics
     result = run_defense(dataset.images, dataset.labels, dataset.n_classes, cfg,
                          checkpoint_dir=checkpoint_dir if checkpoint_dir is not None else out_dir / "checkpoints",
-                         observe=recorder, progress=progress, device=device, fingerprint=dataset.dataset_digest())
-    outputs = write_outputs(dataset, result, out_dir, truth_mask, recorder.events, extra_metrics or {})
+                         observe=recorder, progress=progress, device=device, fingerprint=source_digest)
+    outputs = write_outputs(dataset, result, out_dir, truth_mask, recorder.events,
+                            {"source_digest": source_digest, **(extra_metrics or {})})
     return result, outputs
 
 
@@ -119,7 +121,6 @@ def write_outputs(dataset: ImageSet, result: DefenseResult, out_dir: Path, truth
         "inference_sample_passes": int(result.meter.infer_samples),
         "epoch_equivalents": float(result.meter.epoch_equivalents(n)),
         "wall_seconds": float(result.wall_seconds),
-        "source_digest": dataset.dataset_digest(),
         "clean_digest": clean_digest,
         "removed_digest": removed_digest,
     }

@@ -44,3 +44,12 @@ defense_profiles:
 def test_bad_params_are_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_params(write(tmp_path, text))
+
+
+def test_overrides_parse_dotted_keys_and_yaml_values():
+    from incompat.config import parse_overrides
+
+    assert parse_overrides(["boost=4", "learner_train.lr=0.01", "learner_train.model=resnet32"]) == {
+        "boost": 4, "learner_train": {"lr": 0.01, "model": "resnet32"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["boost"])
