@@ -88,40 +88,161 @@ def _overrides(pairs: list[str]) -> dict:
         raise UsageError(str(exc)) from None
 
 
-def cmd_sanitize(args) -> int:
-    from incompat.config import load_params
-    from incompat.data import read_dataset
-    from incompat.sanitize import read_truth, sanitize
+def _flows(args) -> None:
+    """Prefect's settings must be in place before Prefect is first imported."""
+    from tasks.runtime import configure
 
-    params = load_params(args.params, profile=args.profile, defense_overrides=_overrides(args.set))
-    dataset = read_dataset(args.dataset)
-    truth = read_truth(args.truth, dataset) if args.truth else None
-    progress = not args.quiet and sys.stderr.isatty()
-    _, outputs = sanitize(dataset, params.defense, args.out, truth_mask=truth, progress=progress,
-                          extra_metrics={"profile": params.profile})
-    m = outputs.metrics_values
-    lines = [f"removed {m['n_removed']} of {m['n_samples']} samples ({100 * m['removed_fraction']:.2f}%) "
-             f"in {m['wall_seconds']:.0f} s, {m['epoch_equivalents']:.1f} epoch-equivalents"]
-    if truth is not None:
-        lines.append(f"poison removed {m['poison_removed']}/{m['poison_total']}, "
-                     f"clean removed {m['clean_removed']}/{m['clean_total']}")
-    lines += [f"wrote {p}" for p in (outputs.clean, outputs.removed, outputs.scores, outputs.metrics)]
-    _print_result(args, {**m, "files": [str(p) for p in (outputs.clean, outputs.removed, outputs.scores,
-                                                          outputs.metrics)]}, lines)
+    configure(verbose=args.debug)
+    if not args.debug:
+        import warnings
+
+        warnings.filterwarnings("ignore", module=r"mlflow\..*")
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.ERROR)
+
+
+def _progress(args) -> bool:
+    return not args.quiet and not args.json and sys.stderr.isatty()
+
+
+def _where(result: dict) -> list[str]:
+    paths = result.get("paths", {})
+    lines = [f"cleaned dataset: {paths.get('clean')}", f"removed samples: {paths.get('removed')}",
+             f"lineage:         {paths.get('lineage')}", f"report:          {paths.get('report')}"]
+    if paths.get("evaluation"):
+        lines.append(f"evaluation:      {paths['evaluation']}")
+    lines.append(f"MLflow run:      {result.get('mlflow_run_id')} ({result.get('tracking_uri')}; "
+                 f"`mlflow ui --backend-store-uri {result.get('tracking_uri')}`)")
+    lines.append(f"Prefect run:     {result.get('prefect_flow_run_id')}")
+    return lines
+
+
+def _counts_line(m: dict) -> str:
+    line = (f"removed {m['n_removed']} of {m['n_samples']} samples ({100 * m['removed_fraction']:.2f}%); "
+            f"defense {m.get('wall_seconds', 0):.0f} s, {m.get('epoch_equivalents', 0):.1f} epoch-equivalents")
+    if "poison_total" in m:
+        line += (f"; poison removed {m['poison_removed']}/{m['poison_total']}, "
+                 f"clean removed {m['clean_removed']}/{m['clean_total']}")
+    return line
+
+
+def cmd_sanitize(args) -> int:
+    _flows(args)
+    from flows.sanitize import sanitize
+
+    result = sanitize(dataset=args.dataset, out=args.out, incoming=args.incoming, versioned=args.versioned,
+                      params_path=args.params, profile=args.profile, overrides=_overrides(args.set),
+                      truth=args.truth, experiment=args.experiment, progress=_progress(args),
+                      skip_when_no_incoming=args.skip_when_no_incoming)
+    if result["status"] != "sanitized":
+        _print_result(args, result, [f"{result['status']}: {result.get('incoming')}"])
+        return EXIT_OK
+    m = result["filter"]
+    lines = [_counts_line(m)]
+    if result.get("version"):
+        lines.append(f"version:         {result['version']} (named in {Path(args.out) / 'LATEST'})")
+    _print_result(args, {**m, "paths": result["paths"], "version": result["version"],
+                         "mlflow_run_id": result["mlflow_run_id"],
+                         "prefect_flow_run_id": result["prefect_flow_run_id"]}, lines + _where(result))
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    _flows(args)
+    from flows.evaluate import evaluate
+
+    echo = (lambda *_: None) if (args.quiet or args.json) else print
+    echo(f"evaluate: {args.scenario or 'scenario of ' + args.params} on {args.data_dir}/ "
+         f"(Prefect flow; steps already done with the same inputs are served from cache)")
+    result = evaluate(params_path=args.params, data_dir=args.data_dir, profile=args.profile,
+                      overrides=_overrides(args.set), scenario=args.scenario, experiment=args.experiment,
+                      progress=_progress(args), retrain=not args.no_retrain)
+    lines = [_counts_line(result["filter"])]
+    ev = result.get("evaluation")
+    if ev:
+        lines.append(f"clean accuracy {ev['clean_accuracy_before']:.4f} -> {ev['clean_accuracy_after']:.4f}; "
+                     f"attack success {ev['attack_success_rate_before']:.4f} -> "
+                     f"{ev['attack_success_rate_after']:.4f}")
+    summary = {"sanitize": {k: v for k, v in result["filter"].items() if k != "outputs"},
+               "evaluation": {k: v for k, v in (ev or {}).items() if k != "outputs"},
+               "paths": result["paths"], "mlflow_run_id": result["mlflow_run_id"],
+               "prefect_flow_run_id": result["prefect_flow_run_id"]}
+    _print_result(args, summary, lines + _where(result))
+    return EXIT_OK
+
+
+def cmd_lineage(args) -> int:
+    from incompat import lineage
+
+    check = lineage.verify(args.path)
+    record = lineage.read_json(check.record)
+    if args.json:
+        print(json.dumps({"record": str(check.record), "ok": check.ok, "checks": [c.__dict__ for c in check.checks],
+                          "mlflow_run_id": record.get("mlflow_run_id"),
+                          "prefect_flow_run_id": record.get("prefect_flow_run_id")}, indent=2))
+    elif not args.quiet:
+        code = record.get("code", {})
+        print(f"lineage of {check.record.parent} (recorded {record.get('created')})")
+        for line in lineage.describe(record):
+            print("  " + line)
+        if record.get("scenario"):
+            print(f"  scenario: {record['scenario'].get('name')}")
+        print(f"  params: profile {record['params'].get('profile')}; code {code.get('package')} "
+              f"git {str(code.get('git_commit'))[:12]}{' (dirty)' if code.get('git_dirty') else ''} "
+              f"engine {str(code.get('engine_sha256'))[:12]}")
+        print(f"  MLflow run {record.get('mlflow_run_id')}; Prefect flow run {record.get('prefect_flow_run_id')}")
+        print(f"  removed per class: {record.get('removed_per_class')}")
+        for c in check.checks:
+            print(f"  [{c.status:>7}] {c.role}: {c.path}" + (f" - {c.detail}" if c.detail else ""))
+    if not check.ok:
+        bad = check.changed
+        print(f"incompat lineage: error: {len(bad)} file(s) changed after the fact: "
+              + "; ".join(f"{c.path} ({c.detail})" for c in bad), file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from incompat.report import ReportSources, write_report
+
+    sources = ReportSources.discover(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir)
+    paths = write_report(sources, out, top_k=args.top_k)
+    _print_result(args, {"html": str(paths["html"]), "figures": [str(p) for p in paths.get("figures", [])]},
+                  [f"report: {paths['html']}"])
+    return EXIT_OK
+
+
+def cmd_step(args) -> int:
+    """One pipeline step on the pipeline layout, for DVC stages (dvc.yaml): the same code the flows' tasks run."""
+    from incompat import steps
+    from incompat.config import load_params
+
+    params = load_params(args.params)
+    layout = steps.Layout(args.data_dir)
+    progress = _progress(args)
+    name = args.name
+    if name == "ingest":
+        result = steps.run_ingest(layout, params.ingest)
+    elif name == "poison":
+        result = steps.run_poison(layout, params.poison.scenario)
+    elif name == "cluster":
+        result = steps.run_cluster(layout, params, progress=progress)
+    elif name == "filter":
+        result = steps.run_filter(layout, params, run_context={"dvc_stage": "filter"})
+    elif name == "retrain":
+        result = steps.run_retrain(layout, params, progress=progress)
+    elif name == "evaluate":
+        result = steps.run_evaluate(layout, params)
+    else:
+        result = steps.run_report(layout, Path(args.params))
+    result = {k: v for k, v in result.items() if k != "outputs"}
+    _print_result(args, result, [f"{name}: done"])
     return EXIT_OK
 
 
 def cmd_pipeline(args) -> int:
-    from flows.pipeline import run_all
-    from incompat.config import load_params
-
-    params = load_params(args.params, profile=args.profile, defense_overrides=_overrides(args.set))
-    progress = not args.quiet and sys.stderr.isatty()
-    result = run_all(params, Path(args.data_dir), progress=progress,
-                     echo=(lambda *_: None) if (args.quiet or args.json) else print)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    return EXIT_OK
+    return cmd_evaluate(args)
 
 
 EXAMPLES = {
@@ -138,10 +259,22 @@ EXAMPLES = {
     "sanitize": """
         incompat sanitize data/poisoned/train.parquet --out runs/s1
         incompat sanitize data/poisoned/train.parquet --out runs/s1 --truth data/poisoned/truth.parquet
+        incompat sanitize base.parquet --incoming incoming/ --out sanitized/ --versioned
         incompat sanitize data.parquet --out runs/s2 --profile paper --set boost=4""",
+    "evaluate": """
+        incompat evaluate                      # params.yaml: CIFAR-10 subset, paper:100:2, cpu profile
+        incompat evaluate --scenario paper:100:15 --data-dir runs/s100-15
+        incompat evaluate --set boost=6 --no-retrain""",
     "pipeline": """
-        incompat pipeline                      # params.yaml: CIFAR-10 subset, paper:100:2, cpu profile
-        incompat pipeline --set boost=6 --data-dir /tmp/run1""",
+        incompat pipeline                      # = incompat evaluate on params.yaml (what `make run` runs)""",
+    "lineage": """
+        incompat lineage data/clean/clean.parquet
+        incompat lineage sanitized/v-3f2a9c1e0b7d/lineage.json --json""",
+    "report": """
+        incompat report runs/s1
+        incompat report data --out /tmp/report""",
+    "step": """
+        incompat step cluster                  # what `dvc repro` runs for the cluster stage""",
 }
 
 
@@ -184,20 +317,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--test", default=None, help="a test set: also write test_triggered.parquet")
 
-    p = add("sanitize", "run ISPL+B and split a dataset into kept and removed samples", cmd_sanitize)
-    p.add_argument("dataset")
-    p.add_argument("--out", required=True, help="output directory")
+    def add_params(p, data_dir=False):
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--profile", default=None, help="defense profile from params.yaml (default: defense.profile)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a defense parameter, e.g. --set boost=4 --set learner_train.epochs=2")
+        p.add_argument("--experiment", default="incompat", help="MLflow experiment (MLFLOW_TRACKING_URI: store)")
+
+    p = add("sanitize", "run ISPL+B on a dataset (plus incoming batches) and split it into kept and removed "
+            "samples (Prefect flow, MLflow run)", cmd_sanitize)
+    p.add_argument("dataset", help="the base dataset (any format `incompat ingest` reads)")
+    p.add_argument("--out", required=True, help="output folder (with --versioned: the folder of versions)")
+    p.add_argument("--incoming", default=None, help="a new batch, or a folder of batches, to merge in")
+    p.add_argument("--versioned", action="store_true",
+                   help="write OUT/v-<key>/ per distinct input+parameters and point OUT/LATEST at it")
+    p.add_argument("--skip-when-no-incoming", action="store_true",
+                   help="with --incoming: do nothing (exit 0) when it holds no batch")
     p.add_argument("--truth", default=None, help="ground truth (truth.parquet) for detection metrics only")
+    add_params(p)
+
+    for name, text in (("evaluate", "one scenario end to end: ingest, poison, cluster, filter, retrain, "
+                                    "evaluate, report (Prefect flow, MLflow run)"),
+                       ("pipeline", "the default pipeline of params.yaml (= evaluate)")):
+        p = add(name, text, cmd_evaluate if name == "evaluate" else cmd_pipeline)
+        p.add_argument("--data-dir", default="data")
+        p.add_argument("--scenario", default=None, help="paper:<seed>:<id> or a YAML file (default: params.yaml)")
+        p.add_argument("--no-retrain", action="store_true", help="stop after the report of the sanitization")
+        add_params(p)
+
+    p = add("lineage", "print where a cleaned dataset came from and verify every digest on the way",
+            cmd_lineage)
+    p.add_argument("path", help="lineage.json, its folder, or the cleaned dataset beside it")
+
+    p = add("report", "write the HTML report of a sanitization run folder", cmd_report)
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="where to write report.html (default: the run folder)")
+    p.add_argument("--top-k", type=int, default=16, help="most suspicious samples shown per class")
+
+    p = add("step", "run one pipeline step on the data/ layout (used by dvc.yaml)", cmd_step)
+    p.add_argument("name", choices=["ingest", "poison", "cluster", "filter", "retrain", "evaluate", "report"])
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--profile", default=None, help="defense profile from params.yaml (default: defense.profile)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a defense parameter, e.g. --set boost=4 --set learner_train.epochs=2")
-    p = add("pipeline", "run the default pipeline of params.yaml: ingest, poison, sanitize, retrain, evaluate",
-            cmd_pipeline)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--profile", default=None)
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 

@@ -53,16 +53,21 @@ def _typed(cls, values: dict | None, group: str):
     return cls(**values)
 
 
+# The paper's names for two knobs, accepted anywhere a defense key is (`dvc exp run -S defense.alpha=4`).
+PAPER_NAMES = {"alpha": "boost"}
+
+
 def resolve_defense(raw: dict, profile: str | None = None, overrides: dict | None = None) -> tuple[str, DefenseConfig]:
     """The paper's defaults, then the chosen profile's overrides, then the `defense` group's own keys."""
-    group = dict(raw.get("defense") or {})
+    group = {PAPER_NAMES.get(k, k): v for k, v in (raw.get("defense") or {}).items()}
+    overrides = {PAPER_NAMES.get(k, k): v for k, v in (overrides or {}).items()}
     profile = profile or group.pop("profile", "paper")
     group.pop("profile", None)
     profiles = raw.get("defense_profiles") or {"paper": {}}
     if profile not in profiles:
         raise ConfigError(f"params.yaml: unknown defense profile {profile!r}; profiles: {sorted(profiles)}")
-    values = dict(profiles[profile] or {})
-    for key, value in {**group, **(overrides or {})}.items():
+    values = {PAPER_NAMES.get(k, k): v for k, v in (profiles[profile] or {}).items()}
+    for key, value in {**group, **overrides}.items():
         if key == "learner_train" and isinstance(value, dict):
             values["learner_train"] = {**values.get("learner_train", {}), **value}
         else:

@@ -51,7 +51,7 @@ def test_ingest_cli_bad_source_exits_1_with_the_file_named(project, capsys):
     assert not (project / "x.parquet").exists()
 
 
-def test_sanitize_cli_writes_outputs(project, capsys):
+def test_sanitize_cli_writes_outputs(project, capsys, mlflow_store):
     assert main(["poison", str(project / "train.parquet"), "--scenario", "paper:100:15",
                  "--out", str(project / "p")]) == 0
     capsys.readouterr()
@@ -61,18 +61,23 @@ def test_sanitize_cli_writes_outputs(project, capsys):
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["poison_total"] == 3 and result["n_samples"] == 300
-    for name in ("clean.parquet", "removed.parquet", "scores.parquet", "metrics.json", "rounds.json"):
+    for name in ("clean.parquet", "removed.parquet", "scores.parquet", "metrics.json", "rounds.json",
+                 "lineage.json", "report.html"):
         assert (project / "run" / name).exists()
     assert result["profile"] == "tiny"
 
 
-def test_pipeline_runs_end_to_end(project, capsys, monkeypatch):
+def test_pipeline_runs_end_to_end(project, capsys, monkeypatch, mlflow_store):
     monkeypatch.chdir(project)
-    rc = main(["pipeline", "--params", "params.yaml", "--data-dir", "data", "--json"])
+    rc = main(["pipeline", "--params", "params.yaml", "--data-dir", "data"])
     assert rc == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["sanitize"]["n_samples"] == 200
+    out = capsys.readouterr().out
+    # the end of a run says where everything is
+    for what in ("cleaned dataset: data/clean/clean.parquet", "report:", "MLflow run:", "Prefect run:"):
+        assert what in out
     evaluation = json.loads((project / "data" / "reports" / "evaluation.json").read_text())
     assert 0 <= evaluation["attack_success_rate_after"] <= 1
+    assert evaluation["train_size_before"] == 200
     assert (project / "data" / "clean" / "clean.parquet").exists()
-    assert (project / "data" / "models" / "model.pt").exists()
+    assert (project / "data" / "models" / "after.pt").exists()
+    assert (project / "data" / "reports" / "report.html").exists()

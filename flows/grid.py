@@ -1,0 +1,145 @@
+"""The `grid` flow: many scenarios end to end (poison -> cluster -> filter -> retrain -> evaluate), gathered
+into one table (CSV + Markdown) and one MLflow parent run with a nested run per scenario.
+
+Each scenario is one independent Prefect task, so a task runner can spread them: one at a time by default, a
+local Dask cluster with `workers > 1`, or an existing Dask cluster (`dask_address`). Workers only compute and
+write files under their scenario's folder; MLflow is written by the flow itself, after the results come back,
+so two grids (or many workers) never write to the store at once from different places.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.steps import flow_run_id, run_step
+from incompat import lineage, steps
+from incompat.config import load_params
+from incompat.files import write_text_atomic
+from tasks import steps as t
+from tasks.tracking import Tracker
+
+COLUMNS = ["scenario", "method", "poison_total", "poison_removed", "clean_removed", "clean_removed_fraction",
+           "asr_before", "asr_after", "acc_before", "acc_after", "tm_before", "tm_after", "wall_seconds",
+           "epoch_equivalents"]
+
+
+def scenario_list(scenarios: list[str] | None, paper_seed: int | None, ids: list[int] | None) -> list[str]:
+    if scenarios:
+        return list(scenarios)
+    return [f"paper:{paper_seed}:{i}" for i in (ids if ids is not None else range(24))]
+
+
+@task(name="scenario", version=t.STEP_VERSION, cache_policy=t.STEP_CACHE, persist_result=True, retries=1,
+      retry_delay_seconds=5)
+def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str, params_path: str,
+                 params_digest: str, retrain: bool = True, threads: int | None = None) -> dict:
+    """One scenario in its own folder; the ingested data is shared (hard links, read only)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    layout = steps.Layout(root)
+    layout.raw.mkdir(parents=True, exist_ok=True)
+    for name in ("train.parquet", "test.parquet"):
+        source, target = Path(raw_dir) / name, layout.raw / name
+        if source.exists() and not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:  # another file system: copy
+                import shutil
+
+                shutil.copyfile(source, target)
+    params = load_params(params_path)
+    steps.run_poison(layout, scenario)
+    steps.run_cluster(layout, params)
+    sanitized = steps.run_filter(layout, params, run_context={"grid_scenario": scenario})
+    evaluation = {}
+    if retrain:
+        steps.run_retrain(layout, params)
+        evaluation = steps.run_evaluate(layout, params)
+    row = table_row(scenario, sanitized, evaluation)
+    outputs = [ref for ref in sanitized["outputs"]] + evaluation.get("outputs", [])
+    return {"row": row, "root": root, "outputs": outputs}
+
+
+def table_row(scenario: str, m: dict, ev: dict) -> dict:
+    name = ev.get("scenario") or scenario
+    return {"scenario": name, "method": "ispl", "poison_total": m.get("poison_total"),
+            "poison_removed": m.get("poison_removed"), "clean_removed": m.get("clean_removed"),
+            "clean_removed_fraction": m.get("clean_removed_fraction"),
+            "asr_before": ev.get("attack_success_rate_before"), "asr_after": ev.get("attack_success_rate_after"),
+            "acc_before": ev.get("clean_accuracy_before"), "acc_after": ev.get("clean_accuracy_after"),
+            "tm_before": ev.get("targeted_misclassification_before"),
+            "tm_after": ev.get("targeted_misclassification_after"),
+            "wall_seconds": m.get("wall_seconds"), "epoch_equivalents": m.get("epoch_equivalents")}
+
+
+def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path, md_path = out_dir / "grid.csv", out_dir / "grid.md"
+    write_text_atomic(csv_path, buffer.getvalue())
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    write_text_atomic(md_path, "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+@flow(name="grid", version=t.STEP_VERSION)
+def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: list[int] | None = None,
+         out: str = "data/grid", params_path: str = "params.yaml", retrain: bool = True,
+         experiment: str = "incompat", threads_per_scenario: int | None = None) -> dict:
+    params = load_params(params_path)
+    names = scenario_list(scenarios, paper_seed, ids)
+    out_dir = Path(out).resolve()
+    shared = steps.Layout(out_dir)
+    p = params.ingest
+    ingested = run_step(t.ingest, root=str(out_dir), flat=False, ingest_params=p.__dict__, sources=[p.source],
+                        source_digests=[lineage.reference("source", p.source)["digest"]], test_source=p.test_source,
+                        test_digest=lineage.reference("source", p.test_source)["digest"] if p.test_source else None,
+                        subset=p.subset)
+    raw_digests = [ref["digest"] for ref in ingested["outputs"]]
+    params_digest = lineage.file_sha256(params_path)
+    futures = [run_scenario.submit(root=str(out_dir / "scenarios" / _folder(name)), raw_dir=str(shared.raw),
+                                   raw_digests=raw_digests, scenario=name, params_path=str(Path(params_path).resolve()),
+                                   params_digest=params_digest, retrain=retrain, threads=threads_per_scenario)
+               for name in names]
+    results = [future.result() for future in futures]
+    rows = [r["row"] for r in results]
+    csv_path, md_path = write_table(rows, out_dir)
+    tracker = Tracker(experiment)
+    with tracker.run(f"grid {len(names)} scenarios", tags={"incompat.flow": "grid",
+                                                          "prefect.flow_run_id": flow_run_id() or ""}):
+        tracker.log_params({**params.raw, "scenarios": names})
+        for r in results:
+            child = tracker.client.create_run(tracker.experiment_id, run_name=r["row"]["scenario"],
+                                              tags={"mlflow.parentRunId": tracker.run_id,
+                                                    "incompat.kind": "scenario"})
+            tracker.log_metrics({k: v for k, v in r["row"].items() if k not in ("scenario", "method")},
+                                run_id=child.info.run_id)
+            tracker.client.log_artifact(child.info.run_id, str(Path(r["root"]) / "clean" / "lineage.json"))
+            tracker.client.set_terminated(child.info.run_id, "FINISHED")
+        tracker.log_artifact(csv_path)
+        tracker.log_artifact(md_path)
+    summary = {"rows": rows, "csv": str(csv_path), "markdown": str(md_path), "mlflow_run_id": tracker.run_id,
+               "prefect_flow_run_id": flow_run_id()}
+    write_text_atomic(out_dir / "grid.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _folder(scenario: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in scenario)

@@ -1,0 +1,100 @@
+"""The `sanitize` flow: a user's dataset (no ground truth), optionally plus new batches dropped into an incoming
+location: ingest (merge, duplicates reported) -> cluster -> filter -> report, as one MLflow run.
+
+Everything of a run lands in one folder: dataset.parquet (the merged input), scores.parquet, clean.parquet,
+removed.parquet, metrics.json, lineage.json, report.html and the step manifests. Versioned output: with
+`versioned=True` (the nightly deployment) every distinct input + parameters + code
+combination gets its own folder `OUT/v-<key>/`, and `OUT/LATEST` names the newest; the same inputs again land in
+the same folder and are served from Prefect's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from flows.steps import flow_run_id, log_sanitization, run_step
+from incompat import lineage
+from incompat.config import load_params
+from incompat.data import DataError
+from incompat.files import write_text_atomic
+from incompat.steps import Layout
+from tasks import steps as t
+from tasks.tracking import Tracker
+
+BATCH_SUFFIXES = {".parquet", ".npz"}
+
+
+def incoming_batches(incoming: str | None) -> list[str]:
+    """A file is one batch; a folder holds one batch per entry (a .parquet/.npz file or a dataset folder),
+    taken in name order. Hidden entries and partial uploads (`*.tmp`, `*.part`) are ignored."""
+    if not incoming:
+        return []
+    path = Path(incoming)
+    if not path.exists():
+        raise DataError(f"{incoming}: incoming location does not exist")
+    if path.is_file():
+        return [str(path)]
+    return [str(p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
+            and p.suffix not in (".tmp", ".part") and (p.is_dir() or p.suffix in BATCH_SUFFIXES)]
+
+
+def version_key(source_digests: list[str], params, code: dict) -> str:
+    blob = json.dumps({"sources": source_digests, "defense": params.defense.to_dict(), "profile": params.profile,
+                       "ingest": {k: v for k, v in params.ingest.__dict__.items() if k not in ("source", "test_source",
+                                                                                                "subset")},
+                       "engine": code["engine_sha256"]}, sort_keys=True, default=str)
+    return "v-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@flow(name="sanitize", version=t.STEP_VERSION, log_prints=True)
+def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = None, versioned: bool = False,
+             params_path: str = "params.yaml", profile: str | None = None, overrides: dict | None = None,
+             truth: str | None = None, experiment: str = "incompat", progress: bool = False,
+             skip_when_no_incoming: bool = False) -> dict:
+    params = load_params(params_path, profile=profile, defense_overrides=overrides)
+    batches = incoming_batches(incoming)
+    if incoming and not batches and skip_when_no_incoming:
+        print(f"no new batches in {incoming}: nothing to sanitize")
+        return {"status": "no new data", "incoming": incoming}
+    sources = [dataset] + batches
+    source_digests = [lineage.reference("source", s)["digest"] for s in sources]
+    out_dir = Path(out)
+    version = version_key(source_digests, params, lineage.code_version()) if versioned else None
+    layout = Layout(out_dir / version if version else out_dir, flat=True)
+    root = str(layout.root.resolve())  # absolute: the same relative path elsewhere is other data
+    tracker = Tracker(experiment)
+    with tracker.run(f"sanitize {Path(dataset).name}" + (f" + {len(batches)} batch(es)" if batches else ""),
+                     tags={"incompat.flow": "sanitize", "prefect.flow_run_id": flow_run_id() or "",
+                           "incompat.version_dir": root}):
+        tracker.log_params({"defense": params.defense.to_dict(), "profile": params.profile, "dataset": dataset,
+                            "incoming": incoming or "", "batches": batches, "versioned": versioned,
+                            "ingest": params.ingest.__dict__})
+        context = {"mlflow_run_id": tracker.run_id, "prefect_flow_run_id": flow_run_id()}
+        ingested = run_step(t.ingest, root=root, flat=True, ingest_params=params.ingest.__dict__, sources=sources,
+                            source_digests=source_digests, test_source=None, test_digest=None, subset=None)
+        defense = params.defense.to_dict()
+        truth_digest = lineage.reference("truth", truth)["digest"] if truth else None
+        dataset_digest = ingested["dataset_digest"]
+        clustered = run_step(t.cluster, root=root, flat=True, defense=defense, profile=params.profile,
+                             dataset_digest=dataset_digest, truth=truth, truth_digest=truth_digest,
+                             progress=progress)
+        filtered = run_step(t.filter_samples, root=root, flat=True, defense=defense, profile=params.profile,
+                            dataset_digest=dataset_digest, scores_digest=t.digest_of(clustered, "scores"),
+                            truth=truth, truth_digest=truth_digest, run_context=context)
+        report = run_step(t.report, root=root, flat=True, input_digests=[
+            r["digest"] for r in filtered["outputs"] + clustered["outputs"]],
+            params_path=str(Path(params_path).resolve()), title=f"incompat: sanitize {Path(dataset).name}")
+        log_sanitization(tracker, layout, sources)
+        if version:
+            write_text_atomic(out_dir / "LATEST", version + "\n")
+        result = {"status": "sanitized", "version": version, "ingest": ingested, "cluster": clustered,
+                  "filter": filtered, "report": report, "mlflow_run_id": tracker.run_id,
+                  "tracking_uri": tracker.uri, "prefect_flow_run_id": flow_run_id(),
+                  "paths": {"clean": str(layout.clean), "removed": str(layout.removed),
+                            "scores": str(layout.scores), "metrics": str(layout.metrics),
+                            "lineage": str(layout.lineage), "report": str(layout.report_html)}}
+    return result

@@ -1,0 +1,29 @@
+"""Prefect's settings for this project, applied before Prefect is imported.
+
+Without PREFECT_API_URL, flows run on Prefect's temporary local server, with its database and the task results
+(the cache) under the project's .prefect/; with PREFECT_API_URL set, against that server. What the user set
+always wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure(project_dir: str | os.PathLike | None = None, verbose: bool = False) -> None:
+    home = Path(os.environ.get("PREFECT_HOME") or Path(project_dir or os.getcwd()) / ".prefect")
+    defaults = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the temporary server's 20 s default is tight on a busy 2-core machine
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
+        "PREFECT_TASKS_REFRESH_CACHE": "false",
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.pop("PREFECT_API_URL", None)
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
