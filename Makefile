@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install chromium run repro test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,22 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/incompat pipeline --params params.yaml
 
-test: $(STAMP)
+# The same pipeline as DVC stages (dvc.yaml); the stages call `incompat step NAME`, found on the venv's PATH.
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# Headless Chromium (Debian's package) for tests/test_report_browser.py; installed when absent. A machine without
+# apt (or without root) gets a warning and the browser test skips itself, unless INCOMPAT_REQUIRE_CHROMIUM is set.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update && apt-get install -y --no-install-recommends chromium fonts-dejavu-core) || \
+	  echo "warning: could not install chromium (apt-get install chromium); the report's browser test needs it" >&2
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/bench_trainer.py
 
 clean:
-	rm -rf runs data/raw data/poisoned data/clean data/models data/reports
+	rm -rf runs data/raw data/poisoned data/cluster data/clean data/models data/reports data/checkpoints
