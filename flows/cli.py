@@ -99,6 +99,7 @@ def _flows(args) -> None:
         warnings.filterwarnings("ignore", module=r"mlflow\..*")
         logging.getLogger("mlflow").setLevel(logging.ERROR)
         logging.getLogger("alembic").setLevel(logging.ERROR)
+        logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def _progress(args) -> bool:
@@ -241,6 +242,33 @@ def cmd_step(args) -> int:
     return EXIT_OK
 
 
+def _scenario_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    ids: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            ids += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"--ids must look like 0-23 or 1,4,7, got {text!r}") from None
+    return ids
+
+
+def cmd_grid(args) -> int:
+    _flows(args)
+    from flows.grid import run_grid
+
+    result = run_grid(workers=args.workers, dask_address=args.dask_address, memory_limit=args.memory_limit,
+                      scenarios=args.scenario or None, paper_seed=args.paper_seed, ids=_scenario_ids(args.ids),
+                      out=args.out, params_path=args.params, retrain=not args.no_retrain,
+                      experiment=args.experiment)
+    lines = [f"{len(result['rows'])} scenarios", f"table: {result['csv']} and {result['markdown']}",
+             f"MLflow run: {result['mlflow_run_id']}"]
+    _print_result(args, result, lines)
+    return EXIT_OK
+
+
 def cmd_pipeline(args) -> int:
     return cmd_evaluate(args)
 
@@ -267,6 +295,10 @@ EXAMPLES = {
         incompat evaluate --set boost=6 --no-retrain""",
     "pipeline": """
         incompat pipeline                      # = incompat evaluate on params.yaml (what `make run` runs)""",
+    "grid": """
+        incompat grid --paper-seed 100 --ids 0-23 --workers 2
+        incompat grid --scenario paper:100:2 --scenario my_attack.yaml --no-retrain
+        incompat grid --dask-address tcp://scheduler:8786 --out /shared/grid""",
     "lineage": """
         incompat lineage data/clean/clean.parquet
         incompat lineage sanitized/v-3f2a9c1e0b7d/lineage.json --json""",
@@ -344,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scenario", default=None, help="paper:<seed>:<id> or a YAML file (default: params.yaml)")
         p.add_argument("--no-retrain", action="store_true", help="stop after the report of the sanitization")
         add_params(p)
+
+    p = add("grid", "many scenarios end to end, on Dask when asked, gathered into one table", cmd_grid)
+    p.add_argument("--scenario", action="append", default=[], help="a scenario spec (repeatable); default: the "
+                   "paper's grid")
+    p.add_argument("--paper-seed", type=int, default=100, choices=[100, 1000, 10000])
+    p.add_argument("--ids", default=None, help="paper scenario ids, e.g. 0-23 or 2,15 (default: all 24)")
+    p.add_argument("--out", default="data/grid")
+    p.add_argument("--workers", type=int, default=1, help="local Dask cluster of N worker processes (1: no Dask)")
+    p.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--memory-limit", default="4GiB", help="per local Dask worker")
+    p.add_argument("--no-retrain", action="store_true", help="sanitize only (no before/after retraining)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--experiment", default="incompat")
 
     p = add("lineage", "print where a cleaned dataset came from and verify every digest on the way",
             cmd_lineage)

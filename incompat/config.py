@@ -59,7 +59,8 @@ PAPER_NAMES = {"alpha": "boost"}
 
 def resolve_defense(raw: dict, profile: str | None = None, overrides: dict | None = None) -> tuple[str, DefenseConfig]:
     """The paper's defaults, then the chosen profile's overrides, then the `defense` group's own keys."""
-    group = {PAPER_NAMES.get(k, k): v for k, v in (raw.get("defense") or {}).items()}
+    # a null in the `defense` group means "the profile's value" (the key is there so `dvc exp run -S` can set it)
+    group = {PAPER_NAMES.get(k, k): v for k, v in (raw.get("defense") or {}).items() if v is not None}
     overrides = {PAPER_NAMES.get(k, k): v for k, v in (overrides or {}).items()}
     profile = profile or group.pop("profile", "paper")
     group.pop("profile", None)

@@ -53,3 +53,12 @@ def test_overrides_parse_dotted_keys_and_yaml_values():
         "boost": 4, "learner_train": {"lr": 0.01, "model": "resnet32"}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["boost"])
+
+
+def test_papers_alpha_name_and_null_means_the_profiles_value(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("defense: {profile: cpu, alpha: null}\ndefense_profiles: {cpu: {boost: 4}}\n")
+    assert load_params(path).defense.boost == 4
+    path.write_text("defense: {profile: cpu, alpha: 6}\ndefense_profiles: {cpu: {boost: 4}}\n")
+    assert load_params(path).defense.boost == 6
+    assert load_params(path, defense_overrides={"alpha": 2}).defense.boost == 2
