@@ -40,8 +40,11 @@ def scenario_list(scenarios: list[str] | None, paper_seed: int | None, ids: list
 def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str, params_path: str,
                  params_digest: str, retrain: bool = True, threads: int | None = None) -> dict:
     """One scenario in its own folder; the ingested data is shared (hard links, read only)."""
+    import time
+
     import torch
 
+    started = time.time()
     if threads:
         torch.set_num_threads(threads)
     layout = steps.Layout(root)
@@ -65,7 +68,8 @@ def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str,
         evaluation = steps.run_evaluate(layout, params)
     row = table_row(poisoned["scenario"], sanitized, evaluation)
     outputs = [ref for ref in sanitized["outputs"]] + evaluation.get("outputs", [])
-    return {"row": row, "root": root, "outputs": outputs}
+    return {"row": row, "root": root, "outputs": outputs,
+            "timing": {"pid": os.getpid(), "start": started, "end": time.time()}}
 
 
 def table_row(scenario: str, m: dict, ev: dict) -> dict:
@@ -119,8 +123,12 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
                     scenario=name, params_path=str(Path(params_path).resolve()), params_digest=params_digest,
                     retrain=retrain, threads=threads_per_scenario)
 
+    import time
+
+    submitted = time.time()
     futures = [run_scenario.submit(**kwargs_of(name)) for name in names]
     results = [future.result() for future in futures]
+    gathered = time.time()
     # a cached scenario whose files were changed or removed since is computed again
     for i, (name, result) in enumerate(zip(names, results)):
         if not t.outputs_intact(result):
@@ -142,7 +150,9 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
         tracker.log_artifact(csv_path)
         tracker.log_artifact(md_path)
     summary = {"rows": rows, "csv": str(csv_path), "markdown": str(md_path), "mlflow_run_id": tracker.run_id,
-               "prefect_flow_run_id": flow_run_id()}
+               "prefect_flow_run_id": flow_run_id(),
+               "timing": {"submitted": submitted, "gathered": gathered,
+                          "scenarios": [r.get("timing") for r in results]}}
     write_text_atomic(out_dir / "grid.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 

@@ -19,8 +19,10 @@ def configure(project_dir: str | os.PathLike | None = None, verbose: bool = Fals
         # the temporary server's 20 s default is tight on a busy 2-core machine
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
+        # the CLI reports a failure as one line on stderr; Prefect would add its traceback (--debug shows it)
+        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
         "PREFECT_TASKS_REFRESH_CACHE": "false",
+        "MLFLOW_LOGGING_LEVEL": "DEBUG" if verbose else "WARNING",
     }
     home.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):

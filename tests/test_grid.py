@@ -1,0 +1,115 @@
+"""The grid flow on a real local Dask cluster: same table as a sequential run, survives a killed worker, reruns
+from cache, and two grids at once share one MLflow store."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from incompat.data import write_dataset
+from tests.conftest import make_imageset
+from tests.test_cli_pipeline import TINY_PROFILE
+
+SCENARIOS = ["paper:100:15", "paper:100:2", "paper:100:10"]
+VOLATILE = {"wall_seconds"}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_store):
+    write_dataset(make_imageset(n_per_class=20, n_classes=10, size=32, prefix="train"), tmp_path / "train.parquet")
+    write_dataset(make_imageset(n_per_class=2, n_classes=10, size=32, seed=1, prefix="test"),
+                  tmp_path / "test.parquet")
+    params = {"ingest": {"source": "train.parquet", "test_source": "test.parquet", "subset": None, "seed": 0},
+              "poison": {"scenario": "paper:100:15"},
+              "train": {"model": "small_cnn", "width": 8, "epochs": 1, "batch_size": 64, "threads": 1},
+              "defense": {"profile": "tiny"},
+              "defense_profiles": {"tiny": {**TINY_PROFILE, "learner_train": {**TINY_PROFILE["learner_train"],
+                                                                                "threads": 1}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+def _table(path):
+    with open(path) as fh:
+        return [{k: v for k, v in row.items() if k not in VOLATILE} for row in csv.DictReader(fh)]
+
+
+def test_two_dask_workers_give_the_sequential_table_and_a_rerun_is_cached(project, mlflow_store):
+    from flows.grid import run_grid
+    from mlflow.tracking import MlflowClient
+
+    sequential = run_grid(workers=1, scenarios=SCENARIOS, out="seq", retrain=True, threads_per_scenario=1)
+    parallel = run_grid(workers=2, scenarios=SCENARIOS, out="par", retrain=True, threads_per_scenario=1,
+                        memory_limit="2GiB")
+    assert _table(sequential["csv"]) == _table(parallel["csv"])
+    assert [row["scenario"] for row in _table(parallel["csv"])] == [
+        "paper-s100-id15-3to7-pattern-0.1", "paper-s100-id02-3to5-ell-0.05", "paper-s100-id10-3to5-ell-0.1"]
+    assert Path(parallel["markdown"]).read_text().count("\n") == 2 + len(SCENARIOS)
+    client = MlflowClient(mlflow_store)
+    children = client.search_runs([client.get_experiment_by_name("incompat").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parallel['mlflow_run_id']}'")
+    assert len(children) == len(SCENARIOS)
+    assert all("poison_removed" in c.data.metrics and "acc_after" in c.data.metrics for c in children)
+
+    scores = sorted(Path("par").glob("scenarios/*/cluster/scores.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in scores]
+    again = run_grid(workers=1, scenarios=SCENARIOS, out="par", retrain=True, threads_per_scenario=1)
+    assert [p.stat().st_mtime_ns for p in scores] == stamps  # served from cache, nothing recomputed
+    assert _table(again["csv"]) == _table(parallel["csv"])
+
+
+def test_a_killed_worker_only_costs_its_scenario(project):
+    from distributed import Client, LocalCluster
+
+    from flows.grid import run_grid
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      memory_limit="2GiB") as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = []
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not killed:
+                if any(Path("grid").glob("scenarios/*/poisoned/train.parquet")):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_when_busy)
+        watcher.start()
+        result = run_grid(dask_address=cluster.scheduler_address, scenarios=SCENARIOS, out="grid", retrain=False,
+                          threads_per_scenario=1)
+        watcher.join()
+    assert killed, "no worker was killed: the grid finished before any scenario started?"
+    rows = _table(result["csv"])
+    assert len(rows) == len(SCENARIOS) and all(row["poison_total"] for row in rows)
+
+
+def test_two_grids_at_once_share_one_mlflow_store(project, mlflow_store):
+    cli = Path(sys.executable).with_name("incompat")
+    procs = [subprocess.Popen([str(cli), "grid", "--scenario", scenario, "--out", f"g{i}", "--no-retrain",
+                               "--quiet"], env={**os.environ, "PREFECT_HOME": str(project / f".prefect{i}")},
+                              stderr=subprocess.PIPE, text=True)
+             for i, scenario in enumerate(SCENARIOS[:2])]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("incompat").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("incompat.flow") == "grid"]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    for parent in parents:
+        assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 1
+    for i in range(2):
+        assert len(_table(project / f"g{i}" / "grid.csv")) == 1
