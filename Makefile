@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install chromium run repro test bench clean
+.PHONY: install chromium run repro grid test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(STAMP)
 # The same pipeline as DVC stages (dvc.yaml); the stages call `incompat step NAME`, found on the venv's PATH.
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The paper's scenario grid (params.yaml: grid) as a DVC-tracked table: data/grid/grid.csv and grid.md.
+grid: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro bench/dvc.yaml
 
 # Headless Chromium (Debian's package) for tests/test_report_browser.py; installed when absent. A machine without
 # apt (or without root) gets a warning and the browser test skips itself, unless INCOMPAT_REQUIRE_CHROMIUM is set.

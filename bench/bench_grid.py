@@ -76,8 +76,9 @@ def main() -> None:
         wall = time.monotonic() - t0
         per_scenario, compute = overhead(summary)
         results[label] = wall
+        rss = max(t["max_rss_mib"] for t in summary["timing"]["scenarios"])
         print(f"{label:12s} wall {wall:7.1f} s  scenario compute {compute:7.1f} s  "
-              f"overhead per scenario {per_scenario:5.2f} s")
+              f"overhead per scenario {per_scenario:5.2f} s  peak RSS of a scenario's process {rss:6.0f} MiB")
     seq, par = results["sequential"], results[f"dask x{args.workers}"]
     print(f"speed-up {seq / par:.2f}x (wall includes starting the flow, ingesting the subset, and for Dask the "
           f"local cluster)")

@@ -256,12 +256,17 @@ def _scenario_ids(text: str | None) -> list[int] | None:
 
 
 def cmd_grid(args) -> int:
+    """Defaults from params.yaml's `grid` group; a command-line option overrides it."""
     _flows(args)
     from flows.grid import run_grid
+    from incompat.config import load_params
 
-    result = run_grid(workers=args.workers, dask_address=args.dask_address, memory_limit=args.memory_limit,
-                      scenarios=args.scenario or None, paper_seed=args.paper_seed, ids=_scenario_ids(args.ids),
-                      out=args.out, params_path=args.params, retrain=not args.no_retrain,
+    g = load_params(args.params).grid
+    scenarios = args.scenario or (None if args.paper_seed or args.ids else g.scenarios)
+    result = run_grid(workers=args.workers or g.workers, dask_address=args.dask_address,
+                      memory_limit=args.memory_limit or g.memory_limit, scenarios=scenarios,
+                      paper_seed=args.paper_seed or g.paper_seed, ids=_scenario_ids(args.ids or g.ids),
+                      out=args.out or g.out, params_path=args.params, retrain=g.retrain and not args.no_retrain,
                       experiment=args.experiment)
     lines = [f"{len(result['rows'])} scenarios", f"table: {result['csv']} and {result['markdown']}",
              f"MLflow run: {result['mlflow_run_id']}"]
@@ -377,15 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-retrain", action="store_true", help="stop after the report of the sanitization")
         add_params(p)
 
-    p = add("grid", "many scenarios end to end, on Dask when asked, gathered into one table", cmd_grid)
+    p = add("grid", "many scenarios end to end, on Dask when asked, gathered into one table (defaults: the "
+            "`grid` group of params.yaml)", cmd_grid)
     p.add_argument("--scenario", action="append", default=[], help="a scenario spec (repeatable); default: the "
                    "paper's grid")
-    p.add_argument("--paper-seed", type=int, default=100, choices=[100, 1000, 10000])
-    p.add_argument("--ids", default=None, help="paper scenario ids, e.g. 0-23 or 2,15 (default: all 24)")
-    p.add_argument("--out", default="data/grid")
-    p.add_argument("--workers", type=int, default=1, help="local Dask cluster of N worker processes (1: no Dask)")
+    p.add_argument("--paper-seed", type=int, default=None, choices=[100, 1000, 10000])
+    p.add_argument("--ids", default=None, help="paper scenario ids, e.g. 0-23 or 2,15")
+    p.add_argument("--out", default=None)
+    p.add_argument("--workers", type=int, default=None, help="local Dask cluster of N worker processes (1: no Dask)")
     p.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
-    p.add_argument("--memory-limit", default="4GiB", help="per local Dask worker")
+    p.add_argument("--memory-limit", default=None, help="per local Dask worker")
     p.add_argument("--no-retrain", action="store_true", help="sanitize only (no before/after retraining)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--experiment", default="incompat")

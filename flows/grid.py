@@ -69,7 +69,7 @@ def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str,
     row = table_row(poisoned["scenario"], sanitized, evaluation)
     outputs = [ref for ref in sanitized["outputs"]] + evaluation.get("outputs", [])
     return {"row": row, "root": root, "outputs": outputs,
-            "timing": {"pid": os.getpid(), "start": started, "end": time.time()}}
+            "timing": {"pid": os.getpid(), "start": started, "end": time.time(), "max_rss_mib": _max_rss_mib()}}
 
 
 def table_row(scenario: str, m: dict, ev: dict) -> dict:
@@ -155,6 +155,12 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
                           "scenarios": [r.get("timing") for r in results]}}
     write_text_atomic(out_dir / "grid.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _folder(scenario: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from incompat.steps import Layout
@@ -51,8 +52,9 @@ def log_sanitization(tracker, layout: Layout, source_paths: list[str]) -> None:
         tracker.log_dataset(layout.poisoned_train, "poisoned")
     tracker.log_dataset(layout.clean, "cleaned")
     tracker.log_dataset(layout.removed, "removed")
-    manifest = removed_manifest(layout.removed, layout.clean_dir / "removed_samples.csv")
-    for path in (manifest, layout.lineage, layout.metrics, layout.curves):
-        tracker.log_artifact(path, "sanitization")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = removed_manifest(layout.removed, Path(tmp) / "removed_samples.csv")
+        for path in (manifest, layout.lineage, layout.metrics, layout.curves):
+            tracker.log_artifact(path, "sanitization")
     if layout.report_html.exists():
         tracker.log_artifact(layout.reports, "report")

@@ -35,11 +35,23 @@ class PoisonParams:
 
 
 @dataclass
+class GridParams:
+    scenarios: list[str] | None = None  # scenario specs; None = the paper's grid below
+    paper_seed: int = 100
+    ids: str = "0-23"  # paper scenario ids: "0-23", "2,15"
+    workers: int = 1  # local Dask worker processes (1 = no Dask)
+    memory_limit: str = "4GiB"
+    retrain: bool = True
+    out: str = "data/grid"
+
+
+@dataclass
 class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
     poison: PoisonParams = field(default_factory=PoisonParams)
     train: TrainConfig = field(default_factory=TrainConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    grid: GridParams = field(default_factory=GridParams)
     profile: str = "paper"
     raw: dict = field(default_factory=dict)
 
@@ -104,7 +116,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of parameter groups")
-    known_groups = {"ingest", "poison", "train", "defense", "defense_profiles"}
+    known_groups = {"ingest", "poison", "train", "defense", "defense_profiles", "grid"}
     unknown = set(raw) - known_groups
     if unknown:
         raise ConfigError(f"{path}: unknown parameter group(s) {sorted(unknown)}")
@@ -118,6 +130,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = 
         poison=_typed(PoisonParams, raw.get("poison"), "poison"),
         train=train,
         defense=defense,
+        grid=_typed(GridParams, raw.get("grid"), "grid"),
         profile=chosen,
         raw=raw,
     )

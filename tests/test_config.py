@@ -62,3 +62,13 @@ def test_papers_alpha_name_and_null_means_the_profiles_value(tmp_path):
     path.write_text("defense: {profile: cpu, alpha: 6}\ndefense_profiles: {cpu: {boost: 4}}\n")
     assert load_params(path).defense.boost == 6
     assert load_params(path, defense_overrides={"alpha": 2}).defense.boost == 2
+
+
+def test_grid_group_is_typed(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("grid: {paper_seed: 1000, ids: '2,15', workers: 2}\n")
+    grid = load_params(path).grid
+    assert (grid.paper_seed, grid.ids, grid.workers, grid.out) == (1000, "2,15", 2, "data/grid")
+    path.write_text("grid: {worker: 2}\n")
+    with pytest.raises(ConfigError, match=r"\[grid\].*worker"):
+        load_params(path)

@@ -268,3 +268,33 @@ def test_nightly_deployment_runs_its_flow_with_its_parameters(project, step_call
     grid = next(d for d in config["deployments"] if d["name"] == "paper-grid")
     module_path, flow_name = grid["entrypoint"].split(":")
     assert getattr(importlib.import_module(module_path[:-3].replace("/", ".")), flow_name).name == "grid"
+
+
+def test_io_errors_are_retried_and_data_errors_are_not(project, monkeypatch):
+    from flows.evaluate import evaluate
+    from tasks import steps as prefect_steps
+
+    monkeypatch.setattr(prefect_steps.report, "retry_delay_seconds", [0, 0])
+    original, attempts = engine_steps.run_report, []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("disk briefly unavailable")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_steps, "run_report", flaky)
+    evaluate(params_path="params.yaml", data_dir="data", retrain=False)
+    assert len(attempts) == 2
+
+    attempts.clear()
+
+    def bad(*args, **kwargs):
+        attempts.append(1)
+        raise DataError("scores.parquet row 3: broken")
+
+    monkeypatch.setattr(engine_steps, "run_report", bad)
+    (project / "data" / "reports" / "report.html").unlink()  # not served from cache
+    with pytest.raises(DataError, match="row 3"):
+        evaluate(params_path="params.yaml", data_dir="data", retrain=False)
+    assert len(attempts) == 1
