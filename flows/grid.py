@@ -35,8 +35,8 @@ def scenario_list(scenarios: list[str] | None, paper_seed: int | None, ids: list
     return [f"paper:{paper_seed}:{i}" for i in (ids if ids is not None else range(24))]
 
 
-@task(name="scenario", version=t.STEP_VERSION, cache_policy=t.STEP_CACHE, persist_result=True, retries=1,
-      retry_delay_seconds=5)
+@task(name="scenario", version=t.STEP_VERSION, cache_policy=t.STEP_CACHE, persist_result=True,
+      result_serializer="json", retries=1, retry_delay_seconds=5)
 def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str, params_path: str,
                  params_digest: str, retrain: bool = True, threads: int | None = None) -> dict:
     """One scenario in its own folder; the ingested data is shared (hard links, read only)."""

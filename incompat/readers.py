@@ -20,10 +20,17 @@ Formats (`fmt`; "auto" detects them from the path):
     npz            keys `x` (N,H,W,C uint8, C in 1/3/4), `y` (N ints), optional `class_names` (strings);
                    loaded without pickle. Ids `<file stem>-<row:05d>`.
 
-Undecodable samples (truncated/non-image bytes, declared size over `max_pixels`) fail the read, or with
-on_bad_sample="skip" are left out and listed in the returned quarantine. Everything that says the source
-itself is wrong (bad labels, differing image sizes without `image_size`, an empty class folder, a symlink out of
-the source folder, a pickle that names a non-array global) always raises DataError.
+The source is treated as hostile. Undecodable samples (truncated/zero-byte/non-image bytes, a non-raster format
+such as EPS or PDF, a FIFO or other non-regular file, a declared size over `max_pixels`, an image-folder file
+name with a control character) fail the read, or with on_bad_sample="skip" are left out and listed in the
+returned quarantine (ingest writes it to a JSON file and returns n_skipped). Everything that says the source
+itself is wrong always raises DataError naming the file (and row / line): bad labels (out of range, negative,
+non-integer, NaN, null, strings), differing image sizes without `image_size`, an empty class folder, a symlink
+out of the source folder, a pickle that names a non-array global or holds anything but plain containers,
+numbers, str, bytes and numeric arrays, a class name that fails check_class_names (control characters, empty,
+too long, duplicated; path separators are allowed because a class name never becomes a path), a sample id
+with a control character, a duplicated sample id. A dataset whose decoded pixels exceed the memory budget
+(incompat.data.memory_budget) raises DatasetTooLarge before the pixel array is allocated.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import os
 import pickle
 import re
 import stat
+import unicodedata
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -46,7 +54,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
-from incompat.data import DataError, ImageSet, check_unique_ids, read_dataset, write_dataset
+from incompat.data import (MAX_DATASET_BYTES_ENV, DataError, DatasetTooLarge, ImageSet, check_memory_budget,
+                           check_unique_ids, column_batch_rows, read_dataset, write_dataset)
 from incompat.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -143,6 +152,9 @@ def read_source(
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
+            # PIL warns (UserWarning) about each damaged tag or EXIF block it skips; a damaged image that still
+            # decodes is accepted, one that does not is reported by file/row, so the warnings are only noise.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if fmt == "hf-parquet":
                 dataset, quarantine = _read_hf_parquet(path, opts)
@@ -156,9 +168,13 @@ def read_source(
                 dataset, quarantine = _read_cifar(path, split or "train", opts), []
             else:
                 dataset, quarantine = _read_npz(path, opts), []
+    except MemoryError:  # the estimates above should prevent it; if not, still one clear line, not a traceback
+        raise DatasetTooLarge(f"{path}: ran out of memory while reading it; set {MAX_DATASET_BYTES_ENV} to "
+                              "refuse such sources up front") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_before
-    _check_class_names(dataset.class_names, path)
+    check_class_names(dataset.class_names, path)
+    _check_sample_ids(dataset.sample_ids, path)
     if quarantine:
         log.warning("%s: skipped %d bad sample(s), first: %s", path, len(quarantine), quarantine[0]["reason"])
     log.info("%s: read %d samples of %s, %d classes (%s)", path, len(dataset), dataset.image_shape,
@@ -220,10 +236,16 @@ def ingest(
     """Read `source`, optionally take a stratified subset, and write the canonical dataset to `out_path`.
 
     Everything is read and checked before anything is written, and outputs are replaced atomically: on an error
-    `out_path` (and the quarantine file) keep whatever they held before. When samples were skipped their list
-    goes to `quarantine_path` (default `<out_path stem>.quarantine.json` beside it) as JSON; a clean run removes
-    a stale quarantine file at that path, so the file always describes the latest ingest.
-    Returns a summary: n_samples, n_classes, class_counts, dataset_digest, source, format, n_skipped, ...
+    `out_path` (and the quarantine file) keep whatever they held before. When samples were skipped
+    (on_bad_sample="skip") they are described in `quarantine_path` (default `<out_path stem>.quarantine.json`
+    beside it), a JSON object {source, format, out_path, dataset_digest, n_read, n_skipped, skipped: [{source,
+    row | file, sample_id, reason}, ...]}; a clean run removes a stale quarantine file at that path, so the file
+    always describes the latest ingest.
+
+    Returns a summary: source, format, out_path, n_samples, n_classes, class_counts, image_shape, dataset_digest,
+    n_read (samples decoded, before `subset`), n_skipped (samples left out as undecodable: the figure for the
+    lineage; also stored in the dataset's metadata as ingest.n_skipped), quarantine_path (None when nothing was
+    skipped).
     """
     out_path = Path(out_path)
     if fmt == "auto":
@@ -241,7 +263,11 @@ def ingest(
                    "n_skipped": len(quarantine)}
     digest = write_dataset(dataset, out_path, metadata={"ingest": ingest_meta})
     if quarantine:
-        write_text_atomic(quarantine_path, json.dumps(quarantine, indent=1) + "\n")
+        # Written after the dataset, naming its digest: a quarantine file left from an earlier run (a crash
+        # between the two writes) is recognisable by a digest that does not match the dataset beside it.
+        report = {"source": str(source), "format": fmt, "out_path": str(out_path), "dataset_digest": digest,
+                  "n_read": n_read, "n_skipped": len(quarantine), "skipped": quarantine}
+        write_text_atomic(quarantine_path, json.dumps(report, indent=1) + "\n")
     elif quarantine_path.exists():
         quarantine_path.unlink()
     counts = dataset.class_counts()
@@ -326,7 +352,7 @@ class _Collector:
         self.opts = opts
         self.images: np.ndarray | None = None
         if opts.image_size is not None:
-            self.images = np.empty((capacity, *opts.image_size, 3), dtype=np.uint8)
+            self._allocate((*opts.image_size, 3), "image_size")
         self.first_where = ""
         self.sample_ids: list[str] = []
         self.labels: list[int] = []
@@ -347,7 +373,7 @@ class _Collector:
                                     "reason": str(bad)})
             return
         if self.images is None:
-            self.images = np.empty((self.capacity, *pixels.shape), dtype=np.uint8)
+            self._allocate(pixels.shape, f"the first image, {where}")
             self.first_where = where
         elif pixels.shape != self.images.shape[1:]:
             h, w = pixels.shape[:2]
@@ -357,6 +383,12 @@ class _Collector:
         self.images[len(self.sample_ids)] = pixels
         self.sample_ids.append(sample_id)
         self.labels.append(label)
+
+    def _allocate(self, shape: tuple[int, ...], size_from: str) -> None:
+        h, w, c = shape
+        check_memory_budget(self.capacity * h * w * c, str(self.source),
+                            f"{self.capacity:,} images of {h}x{w}x{c}, size from {size_from}")
+        self.images = np.empty((self.capacity, h, w, c), dtype=np.uint8)
 
     def finish(self, class_names: Sequence[str]) -> tuple[ImageSet, list[dict]]:
         n = len(self.sample_ids)
@@ -373,12 +405,18 @@ class _Collector:
 
 # ------------------------------------------------------------------------------------------------- validation
 
+def _quote(value) -> str:
+    value = value.item() if isinstance(value, np.generic) else value
+    return repr(value)
+
+
 def _validate_labels(raw, n_classes: int | None, where: Callable[[int], str],
                      column: str) -> tuple[np.ndarray, int]:
     """Labels as int64 in 0..n_classes-1 (n_classes None: max+1); the error names the first bad row."""
     values = np.asarray(raw)
     if values.ndim != 1:
         raise DataError(f"{where(-1)}: {column} must be one-dimensional, got shape {values.shape}")
+    shown = values  # what the messages quote: the value as the source holds it, not its float conversion
     if values.dtype.kind == "O":  # a Python list with mixed content (e.g. from a pickle): judge each element
         out = np.empty(len(values), dtype=np.float64)
         for i, v in enumerate(values):
@@ -393,10 +431,10 @@ def _validate_labels(raw, n_classes: int | None, where: Callable[[int], str],
     if values.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.floor(values)))
         if len(bad):
-            raise DataError(f"{where(int(bad[0]))}: {column} {values[bad[0]].item()!r} is not an integer")
+            raise DataError(f"{where(int(bad[0]))}: {column} {_quote(shown[bad[0]])} is not an integer")
     if len(values) and values.min() < 0:
         i = int(np.flatnonzero(values < 0)[0])
-        raise DataError(f"{where(i)}: {column} {values[i].item()!r} is negative")
+        raise DataError(f"{where(i)}: {column} {_quote(shown[i])} is negative")
     limit = n_classes if n_classes is not None else _MAX_CLASSES
     if len(values) and values.max() >= limit:
         i = int(np.flatnonzero(values >= limit)[0])
@@ -410,12 +448,60 @@ def _validate_labels(raw, n_classes: int | None, where: Callable[[int], str],
     return labels, n_classes
 
 
-def _check_class_names(class_names: Sequence[str], source: Path) -> None:
+# Characters a hostile name could use to rewrite what a terminal, a log line or a report shows: C0/C1 controls
+# (TAB, CR, LF and ESC included), DEL, the Unicode line/paragraph separators, the bidirectional overrides and
+# isolates ("Trojan source"), and lone surrogates (not encodable as UTF-8).
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+MAX_CLASS_NAME_CHARS = 200
+
+
+def unsafe_character(text: str) -> str | None:
+    """A description of the first character of `text` that the name policy refuses, or None."""
+    match = _UNSAFE_TEXT.search(text)
+    if match is None:
+        return None
+    ch = match.group()
+    kind = unicodedata.name(ch, "lone surrogate" if 0xD800 <= ord(ch) <= 0xDFFF else "control character")
+    return f"U+{ord(ch):04X} ({kind})"
+
+
+def check_class_names(class_names: Sequence[str], source: str | os.PathLike) -> None:
+    """The class-name policy: refuse, never rewrite.
+
+    A class name is display text only: it is stored in the dataset metadata and shown in reports, and no code
+    path in incompat builds a file or folder name from it, so path separators, '..' or a drive letter in a name
+    are harmless and kept as they are (GTSRB's "beware of ice/snow" has a '/'). Refused with DataError (naming
+    the source and the class index): a non-string, an empty or blank name, a name over MAX_CLASS_NAME_CHARS
+    characters, a control / bidi-override / line-separator character or a lone surrogate (see _UNSAFE_TEXT),
+    and a name that appears twice.
+    """
     seen: set[str] = set()
-    for name in class_names:
+    for index, name in enumerate(class_names):
+        if not isinstance(name, str):
+            raise DataError(f"{source}: class {index} name {name!r} is not a string")
+        if not name.strip():
+            raise DataError(f"{source}: class {index} has an empty name")
+        if len(name) > MAX_CLASS_NAME_CHARS:
+            raise DataError(f"{source}: class {index} name {name[:40]!r}... is {len(name)} characters long "
+                            f"(at most {MAX_CLASS_NAME_CHARS})")
+        bad = unsafe_character(name)
+        if bad is not None:
+            raise DataError(f"{source}: class {index} name {name!r} contains {bad}; class names with control "
+                            "characters are refused")
         if name in seen:
             raise DataError(f"{source}: class name {name!r} appears twice")
         seen.add(name)
+
+
+def _check_sample_ids(sample_ids: np.ndarray, source: Path) -> None:
+    joined = "".join(sample_ids.tolist())
+    if _UNSAFE_TEXT.search(joined) is None:
+        return
+    for row, sid in enumerate(sample_ids.tolist()):
+        bad = unsafe_character(sid)
+        if bad is not None:
+            raise DataError(f"{source} row {row}: sample id {sid!r} contains {bad}; sample ids with control "
+                            "characters are refused (rename the file)")
 
 
 def _utf8_name(name: str, where: Path) -> str:
@@ -467,6 +553,10 @@ def _hf_class_names(metadata: dict | None, label_column: str, path: Path) -> lis
     return names
 
 
+def _image_batch_rows(pf, column: str, path: Path) -> int:
+    return column_batch_rows(pf, column, path, _HF_BATCH_ROWS)
+
+
 def _read_hf_parquet(path: Path, opts: _Options) -> tuple[ImageSet, list[dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -494,6 +584,7 @@ def _read_hf_parquet(path: Path, opts: _Options) -> tuple[ImageSet, list[dict]]:
         raise DataError(f"{path}: column {image_column!r} has type {image_type}, expected struct{{bytes, path}}")
     if n_rows == 0:
         raise DataError(f"no samples in {path}")
+    batch_rows = _image_batch_rows(pf, image_column, path)
     names = _hf_class_names(schema.metadata, "label", path)
     try:
         raw_labels = pf.read(columns=["label"]).column("label")
@@ -507,7 +598,7 @@ def _read_hf_parquet(path: Path, opts: _Options) -> tuple[ImageSet, list[dict]]:
     collector = _Collector(n_rows, path, opts)
     row = 0
     try:
-        batches = pf.iter_batches(batch_size=_HF_BATCH_ROWS, columns=[image_column])
+        batches = pf.iter_batches(batch_size=batch_rows, columns=[image_column])
         for batch in batches:
             column = batch.column(0)
             missing = column.is_null().to_numpy(zero_copy_only=False)
@@ -582,9 +673,12 @@ def _read_image_folder(root: Path, opts: _Options) -> tuple[ImageSet, list[dict]
                         key=lambda d: d.name)
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
-    entries: list[tuple[int, Path, Path]] = []
-    for label, class_dir in enumerate(class_dirs):
+    for class_dir in class_dirs:
         _utf8_name(class_dir.name, class_dir)
+    # Before any message prints a folder name: a name with an escape sequence must not reach the terminal.
+    check_class_names([d.name for d in class_dirs], root)
+    entries: list[tuple[int, Path, Path | None]] = []
+    for label, class_dir in enumerate(class_dirs):
         _inside(root_resolved, class_dir)
         files = _image_files(class_dir)
         if not files:
@@ -592,10 +686,15 @@ def _read_image_folder(root: Path, opts: _Options) -> tuple[ImageSet, list[dict]
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
         for f in files:
             _utf8_name(f.name, f)
-            entries.append((label, f, _inside(root_resolved, f)))
+            entries.append((label, f, None if unsafe_character(f.name) else _inside(root_resolved, f)))
     collector = _Collector(len(entries), root, opts)
     for label, f, resolved in entries:
         rel = f"{f.parent.name}/{f.name}"
+        if resolved is None:  # a bad sample like an undecodable one; messages show the name escaped
+            opener = _missing(f"file name {f.name!r} contains {unsafe_character(f.name)}; rename the file")
+            collector.add(opener, sample_id=rel, label=label, where=f"{f.parent}/{f.name!r}",
+                          locator={"file": rel})
+            continue
         collector.add(_open_file(resolved), sample_id=rel, label=label, where=str(f), locator={"file": rel})
     return collector.finish([d.name for d in class_dirs])
 
@@ -657,7 +756,8 @@ def _read_gt_csv(csv_path: Path) -> list[tuple[int, str, int]]:
                 raise DataError(f"{csv_path} line {line}: {len(fields)} fields, expected {len(header)}")
             name, class_id = fields[i_name].strip(), fields[i_class].strip()
             # The CSV names a file beside it; anything path-like would let the CSV point anywhere.
-            if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            if (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+                    or unsafe_character(name)):
                 raise DataError(f"{csv_path} line {line}: Filename {name!r} is not a plain file name")
             if not _DIGITS.fullmatch(class_id) or int(class_id) >= len(GTSRB_CLASS_NAMES):
                 raise DataError(f"{csv_path} line {line}: ClassId {class_id!r} is not an integer in "
@@ -740,25 +840,93 @@ def _empty_bytes(*args):
     return b""
 
 
+class _NdarrayToken:
+    """Stands for numpy.ndarray in a pickle: usable as _reconstruct's subtype argument, not callable, so a pickle
+    cannot call the ndarray constructor itself (buffer/offset/strides arguments)."""
+
+
+def _plain_dtype(dtype) -> np.dtype:
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"{type(dtype).__name__} where a numpy dtype belongs")
+    if dtype.kind not in "biufcSU" or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"array dtype {dtype!r} (only plain numbers, bytes and str)")
+    return dtype
+
+
 def _checked_reconstruct(subtype, shape, dtype):
-    if subtype is not np.ndarray:
+    # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') followed by __setstate__ with the real
+    # shape, dtype and bytes; a bigger shape here would only allocate memory.
+    if subtype is not _NdarrayToken:
         raise pickle.UnpicklingError(f"array subtype {subtype!r}")
-    return _RECONSTRUCT(subtype, shape, dtype)
+    if not isinstance(shape, tuple) or len(shape) != 1 or not isinstance(shape[0], int) or not 0 <= shape[0] <= 1:
+        raise pickle.UnpicklingError(f"array placeholder shape {shape!r}")
+    return _RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _checked_dtype(name, align=False, copy=False):
+    if not isinstance(name, str) or align not in (0, 1) or copy not in (0, 1):
+        raise pickle.UnpicklingError(f"numpy.dtype{(name, align, copy)!r}")
+    # copy=True always: numpy's built-in dtypes are singletons, and the pickle's BUILD step that follows would
+    # otherwise run __setstate__ on the process-wide np.dtype(name).
+    return _plain_dtype(np.dtype(name, bool(align), True))
+
+
+def _checked_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("numpy scalar of a non-plain type")
+    return _SCALAR(_plain_dtype(dtype), data)
+
+
+def _checked_frombuffer(buf, dtype, shape, order):
+    return _FROMBUFFER(buf, _plain_dtype(dtype), shape, order)
 
 
 _PICKLE_ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _checked_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _checked_reconstruct,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _checked_scalar,
+    ("numpy._core.multiarray", "scalar"): _checked_scalar,
+    ("numpy.core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy", "ndarray"): _NdarrayToken,
+    ("numpy", "dtype"): _checked_dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
 }
+_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
+_MAX_PICKLE_DEPTH = 8
+
+
+def _check_plain(obj, path: Path) -> None:
+    """Everything a CIFAR pickle yields must be a dict/list/tuple of str, bytes, numbers and plain numeric/bytes
+    arrays: what the numpy constructors above could still be made to build (an array whose dtype a later
+    __setstate__ turned into objects or records, say) is refused here."""
+    stack = [(obj, 0)]
+    seen: set[int] = set()
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, _PLAIN_SCALARS):
+            continue
+        if isinstance(item, np.ndarray):
+            if item.dtype.kind not in "biufcSU" or item.dtype.fields is not None:
+                raise DataError(f"{path}: the pickle holds an array of dtype {item.dtype}; only plain numeric, "
+                                "bytes and str arrays are accepted")
+            continue
+        if isinstance(item, np.generic):
+            if item.dtype.kind not in "biufcSU":
+                raise DataError(f"{path}: the pickle holds a numpy scalar of dtype {item.dtype}")
+            continue
+        if not isinstance(item, (dict, list, tuple)) or type(item) not in (dict, list, tuple):
+            raise DataError(f"{path}: the pickle holds a {type(item).__name__}; only dicts, lists, str, bytes, "
+                            "numbers and plain arrays are accepted")
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if depth >= _MAX_PICKLE_DEPTH:
+            raise DataError(f"{path}: the pickle nests containers more than {_MAX_PICKLE_DEPTH} levels deep")
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
@@ -786,6 +954,7 @@ def _load_pickle(path: Path) -> dict:
         raise DataError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict, the pickle holds a {type(obj).__name__}")
+    _check_plain(obj, path)
     return obj
 
 
@@ -827,6 +996,16 @@ def _read_cifar(source: Path, split: str, opts: _Options) -> ImageSet:
         files = [folder / split] if (folder / split).exists() else []
     if not files:
         raise DataError(f"{folder}: no {split} batch files")
+    # A batch file holds its pixels as raw bytes, so the files' size bounds what they decode to.
+    raw_bytes = 0
+    for f in files:
+        try:
+            raw_bytes += _inside(root, f).stat().st_size
+        except OSError as exc:
+            raise DataError(f"{f}: cannot read ({exc.strerror or exc})") from None
+    scale = 1.0 if opts.image_size is None else opts.image_size[0] * opts.image_size[1] / 1024
+    check_memory_budget(int(raw_bytes * max(1.0, 1.0 + scale)), str(folder),
+                        f"{len(files)} batch file(s) of {raw_bytes:,} bytes, raw and as 32x32 images")
     meta = _load_pickle(_inside(root, folder / meta_name))
     raw_names = _key(meta, names_key, folder / meta_name)
     if not isinstance(raw_names, list) or not all(isinstance(n, (bytes, str)) for n in raw_names):
@@ -912,6 +1091,12 @@ def _read_npz(path: Path, opts: _Options) -> ImageSet:
                 raise DataError(f"{path}: key 'x' has {x_shape[0]} images but key 'y' has {y_shape[0]} labels")
             if x_shape[0] == 0:
                 raise DataError(f"no samples in {path}")
+            n, h, w, c = (int(v) for v in x_shape)
+            out_h, out_w = opts.image_size or (h, w)
+            converted = n * out_h * out_w * 3 if (c != 3 or (out_h, out_w) != (h, w)) else 0
+            check_memory_budget(n * h * w * c + converted, str(path),
+                                f"key 'x' of {n:,} images of {h}x{w}x{c}"
+                                + (f", converted to {out_h}x{out_w}x3" if converted else ""))
             names = None
             if "class_names" in keys:
                 n_shape, n_dtype = _npz_header(zf, "class_names", path)

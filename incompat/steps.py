@@ -130,15 +130,19 @@ def run_ingest(layout: Layout, params: IngestParams, sources: list[str] | None =
         dataset = subsample_stratified(dataset, subset, params.seed)
     meta = {"ingest": {"sources": sources, "subset": subset, "seed": params.seed, "n_skipped": len(quarantine),
                        "n_duplicates": len(merged["duplicates"])}}
-    train_digest = write_dataset(dataset, layout.raw_train, metadata=meta)
-    outputs = [lineage.reference("train", layout.raw_train, layout.raw, train_digest, "dataset")]
-    if test_source:
+    test = None
+    if test_source:  # read (and checked) before anything is written: a bad test set leaves the old outputs
         test, test_skipped = read_source(test_source, image_size=size, on_bad_sample=params.on_bad_sample)
         quarantine += test_skipped
+    train_digest = write_dataset(dataset, layout.raw_train, metadata=meta)
+    outputs = [lineage.reference("train", layout.raw_train, layout.raw, train_digest, "dataset")]
+    if test is not None:
         test_digest = write_dataset(test, layout.raw_test, metadata={"ingest": {"sources": [test_source]}})
         outputs.append(lineage.reference("test", layout.raw_test, layout.raw, test_digest, "dataset"))
     if quarantine:
-        write_text_atomic(layout.quarantine, json.dumps(quarantine, indent=1, default=str) + "\n")
+        # the same shape as `incompat ingest`'s quarantine file
+        write_text_atomic(layout.quarantine, json.dumps({"sources": sources, "n_skipped": len(quarantine),
+                                                         "skipped": quarantine}, indent=1, default=str) + "\n")
         outputs.append(lineage.reference("quarantine", layout.quarantine, layout.raw))
     elif layout.quarantine.exists():
         layout.quarantine.unlink()

@@ -51,8 +51,9 @@ def _io_error(task, task_run, state) -> bool:
 
 
 def _step(name: str):
-    return task(name=name, version=STEP_VERSION, cache_policy=STEP_CACHE, persist_result=True, retries=2,
-                retry_delay_seconds=[2, 10], retry_condition_fn=_io_error)
+    # JSON, not pickle: a cached result is read back from disk, and reading it must not be able to run code
+    return task(name=name, version=STEP_VERSION, cache_policy=STEP_CACHE, persist_result=True,
+                result_serializer="json", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_io_error)
 
 
 @_step("ingest")
@@ -81,7 +82,8 @@ def filter_samples(root: str, flat: bool, defense: dict, profile: str, dataset_d
 
 
 @_step("retrain")
-def retrain(root: str, flat: bool, train: dict, clean_digest: str, poisoned_digest: str, progress: bool = False) -> dict:
+def retrain(root: str, flat: bool, train: dict, clean_digest: str, poisoned_digest: str,
+            progress: bool = False) -> dict:
     return steps.run_retrain(steps.Layout(root, flat), Params(train=TrainConfig.from_dict(train)), progress=progress)
 
 
