@@ -8,6 +8,7 @@ long run that is stopped keeps what it measured.
   .venv/bin/python bench/bench_defense.py --dataset cifar10 --scenarios paper:100:0-23
   .venv/bin/python bench/bench_defense.py --dataset cifar10 --subset 10000 --scenarios paper:100:2 --methods none,ispl
   .venv/bin/python bench/bench_defense.py --dataset gtsrb --scenarios gtsrb   # 4 GTSRB scenarios
+  OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_defense.py --threads 1 ...   # on a shared machine
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from incompat.attacks import Scenario, Trigger, parse_scenario_spec, poison, tri
 from incompat.baselines import activation_clustering, spectral_signatures  # noqa: E402
 from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.data import read_dataset  # noqa: E402
-from incompat.evaluation import evaluate, train_and_evaluate  # noqa: E402
+from incompat.evaluation import train_and_evaluate  # noqa: E402
 from incompat.ispl import run_defense  # noqa: E402
 from incompat.metrics import detection_confusion  # noqa: E402
 from incompat.readers import ingest, subsample_stratified  # noqa: E402
-from incompat.training import ComputeMeter, TensorData, extract_features  # noqa: E402
+from incompat.training import TensorData, extract_features  # noqa: E402
 
 # Four GTSRB scenarios across sign types, one per trigger kind plus a second pattern, rates 5-20% of the source.
 GTSRB_SCENARIOS = [
@@ -60,6 +61,8 @@ def load_split(name: str, split: str, cache: Path):
 def scenario_list(spec: str) -> list[Scenario]:
     if spec == "gtsrb":
         return list(GTSRB_SCENARIOS)
+    if spec.startswith("gtsrb:"):  # gtsrb:0,1 picks some of the four
+        return [GTSRB_SCENARIOS[int(i)] for i in spec.split(":", 1)[1].split(",")]
     scenarios = []
     for part in spec.split(","):
         if part.startswith("paper:") and "-" in part.split(":")[-1]:
@@ -82,10 +85,18 @@ def main() -> None:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--csv", default=str(ROOT / "bench" / "results" / "defense.csv"))
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every training and inference (1 on a shared machine)")
     args = ap.parse_args()
 
-    params = load_params(args.params, profile=args.profile, defense_overrides=parse_overrides(args.set))
-    train_cfg = params.train
+    overrides = parse_overrides(args.set)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        overrides.setdefault("learner_train", {})["threads"] = args.threads
+    params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
+    train_cfg = params.train if not args.threads else dataclasses.replace(params.train, threads=args.threads)
     cache = ROOT / "bench" / "results" / "cache"
     train_full = load_split(args.dataset, "train", cache)
     test = load_split(args.dataset, "test", cache)

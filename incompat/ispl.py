@@ -11,6 +11,20 @@ Follows Jin, Sun & Rinard (ICLR 2023) and its public code:
                 plurality equals the label and more than one learner agrees.
   refinement    retrain on the kept set, EMA of "predicted correctly", keep where the EMA > threshold.
 
+Options for small models (all off by default, i.e. the paper's behaviour; the `cpu` profile turns them on):
+  held-out vote         (vote_rule="held_out") each sample is judged only by the learners whose core set does not
+                        hold it, by their mean softmax probability of its label; kept where >= vote_threshold.
+  cross-fitted refinement (refinement_folds >= 2) every sample gets a seeded fold; fold model f trains on the
+                        trusted samples outside fold f and judges fold f, so a verdict never comes from a model
+                        that trained on the sample (no memorisation needed to keep a hard clean image). The EMA
+                        is then of the judged probability vector; kept where p(label) >= refinement_threshold;
+                        the next round trains on kept samples with p(label) >= refinement_train_threshold.
+  anomalous cells       (anomaly_ratio > 0) a (label, predicted class) cell among the low-scoring samples
+                        (p(label) < anomaly_threshold) that holds anomaly_ratio times more samples than a
+                        quasi-symmetric confusion model expects from its transposed cell, significantly
+                        (z >= anomaly_z), is one group of samples that all look like another class: a
+                        source->target poisoning. Its samples are removed up to p(label) < anomaly_threshold.
+
 Ground truth is never an input here. Every random draw comes from a seed derived from (seed, bag, learner,
 round), so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
 """
@@ -28,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from incompat.files import atomic_output
+from incompat.files import atomic_output, write_text_atomic
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
                                predict, predict_logits)
 
@@ -37,6 +51,9 @@ log = logging.getLogger(__name__)
 
 class DefenseError(RuntimeError):
     """The defense cannot produce a trustworthy keep-mask (and says why)."""
+
+
+VOTE_RULES = ("plurality", "held_out")
 
 
 @dataclass
@@ -59,6 +76,14 @@ class DefenseConfig:
     refinement_epochs: int = 5
     refinement_decay: float = 0.8  # correct <- (1 - decay) * predicted_correctly + decay * correct
     refinement_threshold: float = 0.5
+    # Options for small models; the defaults are the paper's behaviour (see the module docstring).
+    vote_rule: str = "plurality"  # plurality (paper) | held_out
+    vote_threshold: float = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
+    refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
+    refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
+    anomaly_ratio: float = 0.0  # 0: off; else the (label, predicted) cell test described above
+    anomaly_threshold: float = 0.5
+    anomaly_z: float = 5.0
     max_retries: int = 2  # a diverged training is retried with lr / 10, at most this often
     seed: int = 0
     learner_train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -93,6 +118,12 @@ class DefenseConfig:
             raise ValueError("defense.beta must be >= 1")
         if not 0 <= self.loss_decay < 1 or not 0 <= self.refinement_decay < 1:
             raise ValueError("decays must be in [0, 1)")
+        if self.vote_rule not in VOTE_RULES:
+            raise ValueError(f"defense.vote_rule must be one of {VOTE_RULES}, got {self.vote_rule!r}")
+        if not isinstance(self.refinement_folds, int) or self.refinement_folds < 1:
+            raise ValueError("defense.refinement_folds must be an integer >= 1")
+        if self.anomaly_ratio < 0:
+            raise ValueError("defense.anomaly_ratio must be >= 0 (0 turns the cell test off)")
 
 
 
@@ -162,7 +193,8 @@ def vote(predictions: np.ndarray, n_classes: int, rng: np.random.Generator) -> t
 
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
-                  "refinement_threshold")
+                  "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
+                  "refinement_train_threshold", "anomaly_ratio", "anomaly_threshold", "anomaly_z")
 
 
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
@@ -190,7 +222,7 @@ class Checkpoint:
                     old.unlink()
                 for old in self.directory.glob("*.pt"):
                     old.unlink()
-            marker.write_text(fingerprint)
+            write_text_atomic(marker, fingerprint)
 
     def _path(self, name: str, ext: str) -> Path:
         assert self.directory is not None
@@ -214,26 +246,38 @@ class Checkpoint:
         npz, meta = self._path(name, "npz"), self._path(name, "json")
         if not (npz.exists() and meta.exists()):
             return None
-        with np.load(npz, allow_pickle=False) as arrays:
-            info = json.loads(meta.read_text())
-            return LearnerRecord(bag, index, arrays["core_set"].astype(bool), arrays["predictions"].astype(np.int64),
-                                 arrays["probabilities"].astype(np.float16), info["rounds"], info.get("retries", 0))
+        try:
+            with np.load(npz, allow_pickle=False) as arrays:
+                info = json.loads(meta.read_text())
+                return LearnerRecord(bag, index, arrays["core_set"].astype(bool),
+                                     arrays["predictions"].astype(np.int64), arrays["probabilities"].astype(np.float16),
+                                     info["rounds"], info.get("retries", 0))
+        except Exception as exc:  # a damaged checkpoint is not worth a crash: that learner is trained again
+            log.warning("%s: damaged checkpoint (%s); training this learner again", npz, exc)
+            return None
 
-    def save_refinement(self, round_index: int, model: torch.nn.Module, correct: np.ndarray, keep: np.ndarray,
-                        history: list[dict], meter: ComputeMeter) -> None:
+    def save_refinement(self, round_index: int, models: list[torch.nn.Module], correct: np.ndarray,
+                        keep: np.ndarray, history: list[dict], meter: ComputeMeter,
+                        probs: np.ndarray | None = None) -> None:
         if not self.directory:
             return
+        state = {"round": round_index, "fingerprint": self.refinement_fingerprint,
+                 "state_dicts": [m.state_dict() for m in models],
+                 "correct": torch.from_numpy(correct), "keep": torch.from_numpy(keep),
+                 "history": json.dumps(history), "meter": json.dumps(dataclasses.asdict(meter))}
+        if probs is not None:
+            state["probs"] = torch.from_numpy(probs)
         with atomic_output(self._path("refinement", "pt")) as tmp:
-            torch.save({"round": round_index, "fingerprint": self.refinement_fingerprint,
-                        "state_dict": model.state_dict(),
-                        "correct": torch.from_numpy(correct), "keep": torch.from_numpy(keep),
-                        "history": json.dumps(history),
-                        "meter": json.dumps(dataclasses.asdict(meter))}, tmp)
+            torch.save(state, tmp)
 
     def load_refinement(self) -> dict | None:
         if not self.directory or not self._path("refinement", "pt").exists():
             return None
-        state = torch.load(self._path("refinement", "pt"), weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(self._path("refinement", "pt"), weights_only=True, map_location="cpu")
+        except Exception as exc:
+            log.warning("%s: damaged checkpoint (%s); refinement starts over", self._path("refinement", "pt"), exc)
+            return None
         return state if state.get("fingerprint") == self.refinement_fingerprint else None
 
     def save_meter(self, meter: ComputeMeter) -> None:
@@ -358,8 +402,12 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     bar.close()
     predictions = np.stack([rec.predictions for rec in learners])
     vote_agreement = (predictions == labels[None, :]).mean(axis=0)
-    winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
-    keep = (winner == labels) & (count >= cfg.vote_min_count)
+    if cfg.vote_rule == "held_out":
+        held_out = held_out_probabilities(learners)
+        keep = held_out[np.arange(n), labels] >= cfg.vote_threshold
+    else:
+        winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
+        keep = (winner == labels) & (count >= cfg.vote_min_count)
     if observe:
         observe("vote", {"kept_fraction": float(keep.mean()), "kept_indices": np.flatnonzero(keep)})
 
@@ -368,25 +416,53 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             f"the vote kept none of the {n} samples (mean learner agreement with the labels "
             f"{vote_agreement.mean():.1%}): the weak learners are too weak for this dataset; train them longer "
             f"(core_epochs, learner_train.epochs) or use fewer, larger core sets (boost)")
-    model, correct, history, first_round = None, None, [], 0
+    folds = cfg.refinement_folds
+    models: list = [None] * folds
+    correct, probs, history, first_round = None, None, [], 0
+    trusted = keep
     state = ckpt.load_refinement()
     if state is not None:
-        model = _build_like(cfg.learner_train, n_classes, data)
-        model.load_state_dict(state["state_dict"])
+        for f, weights in enumerate(state["state_dicts"]):
+            models[f] = _build_like(cfg.learner_train, n_classes, data)
+            models[f].load_state_dict(weights)
         correct, keep = state["correct"].numpy(), state["keep"].numpy()
+        probs = state["probs"].numpy() if "probs" in state else None
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
+        trusted = _trusted(cfg, keep, correct)
+    # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
+    fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
     for it in range(first_round, cfg.refinement_rounds):
-        train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
-                                        seed=derive_seed(cfg.seed, 3, it))
-        model, _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter, f"refinement round {it}",
-                                     model=model)
-        preds = predict(model, data, meter=meter)
-        if correct is None:
-            correct = np.full(n, 0.5)
-        correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
-        keep = correct > cfg.refinement_threshold
+        if folds == 1:
+            train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
+                                            seed=derive_seed(cfg.seed, 3, it))
+            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter,
+                                             f"refinement round {it}", model=models[0])
+            preds = predict(models[0], data, meter=meter)
+            if correct is None:
+                correct = np.full(n, 0.5)
+            correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
+            keep = correct > cfg.refinement_threshold
+        else:
+            judged_probs = np.zeros((n, n_classes), dtype=np.float32)
+            for f in range(folds):
+                train_idx = np.flatnonzero(trusted & (fold_of != f))
+                if len(train_idx) == 0:
+                    raise DefenseError(f"refinement round {it}: fold {f} has no trusted sample to train on")
+                train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
+                                                seed=derive_seed(cfg.seed, 3, it, f))
+                models[f], _ = _fit_with_retries(data, train_cfg, train_idx, cfg, meter,
+                                                 f"refinement round {it} fold {f}", model=models[f])
+                judged = np.flatnonzero(fold_of == f)
+                if len(judged):
+                    judged_probs[judged] = torch.softmax(predict_logits(models[f], data, judged, meter=meter),
+                                                         dim=1).numpy()
+            probs = judged_probs if probs is None else (
+                (1 - cfg.refinement_decay) * judged_probs + cfg.refinement_decay * probs)
+            correct = probs[np.arange(n), labels].astype(np.float64)
+            keep = cross_fit_keep(probs, labels, n_classes, cfg)
+            trusted = _trusted(cfg, keep, correct)
         if not keep.any():
             raise DefenseError(f"refinement round {it} kept none of the {n} samples: the refinement model "
                                "predicts no label correctly; train it longer (refinement_epochs)")
@@ -394,16 +470,103 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         history.append(info)
         if observe:
             observe("refinement", {**info, "kept_indices": np.flatnonzero(keep)})
-        ckpt.save_refinement(it, model, correct, keep, history, meter)
+        ckpt.save_refinement(it, models, correct, keep, history, meter, probs)
         bar.update(1)
     bar.close()
+    model = models[0]
     if correct is None:  # no refinement rounds: the vote decides
         correct = keep.astype(float)
-    suspicion = 1.0 - 0.5 * (vote_agreement + correct)
+    # The learners' mean probability of the label makes the score continuous: agreement counts and the
+    # refinement average take few distinct values, and a reviewer needs an order within them.
+    label_probability = np.mean([rec.probabilities[np.arange(n), labels].astype(np.float64) for rec in learners],
+                                axis=0)
+    suspicion = 1.0 - (vote_agreement + correct + label_probability) / 3.0
     # Removed samples rank above kept ones, then by how strongly the learners contradict their label.
     suspicion = np.where(keep, 0.5 * suspicion, 0.5 + 0.5 * suspicion)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
                          time.monotonic() - start, model)
+
+
+def held_out_probabilities(learners: list[LearnerRecord]) -> np.ndarray:
+    """Mean softmax over the learners whose core set does not hold the sample (all learners for a sample that
+    every core set holds). A model that trained on a sample says little about whether its label fits."""
+    n = len(learners[0].core_set)
+    total = np.zeros(learners[0].probabilities.shape, dtype=np.float64)
+    count = np.zeros(n)
+    for rec in learners:
+        out = ~rec.core_set
+        total[out] += rec.probabilities[out].astype(np.float64)
+        count += out
+    everywhere = count == 0
+    if everywhere.any():
+        for rec in learners:
+            total[everywhere] += rec.probabilities[everywhere].astype(np.float64)
+        count[everywhere] = len(learners)
+    return total / count[:, None]
+
+
+def anomalous_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int, threshold: float, ratio: float,
+                    z_min: float) -> np.ndarray:
+    """Bool (label, predicted) matrix: cells of the low-scoring samples (p(label) < threshold, predicted = their
+    most probable other class) that a quasi-symmetric confusion model does not explain.
+
+    Natural confusions are roughly symmetric up to a propensity per class (a class the judges under-predict, for
+    instance one that lost samples to the attack, is confused *into* other classes more than the reverse):
+    log(C[t,s] / C[s,t]) ~ u_t - u_s, fitted by weighted least squares (weights: inverse variance of the log
+    ratio), refitted once without the pairs it cannot explain. A group of one class's images relabelled as another
+    (source -> target) fills only the (target, source) cell: flagged where C[t,s] exceeds `ratio` times its
+    expectation C[s,t] * exp(u_t - u_s) and the residual is significant (z >= z_min)."""
+    n = len(labels)
+    score = probs[np.arange(n), labels]
+    other = probs.copy()
+    other[np.arange(n), labels] = -1.0
+    predicted = other.argmax(axis=1)
+    low = score < threshold
+    counts = np.zeros((n_classes, n_classes))
+    np.add.at(counts, (labels[low], predicted[low]), 1)
+    np.fill_diagonal(counts, 0.0)
+    log_ratio = np.log((counts + 0.5) / (counts.T + 0.5))
+    weight = 1.0 / (1.0 / (counts + 0.5) + 1.0 / (counts.T + 0.5))
+    np.fill_diagonal(weight, 0.0)
+    z = np.zeros_like(counts)
+    shift = np.zeros_like(counts)  # u_t - u_s fitted without the pair itself
+    used = weight.copy()
+    for _ in range(2):  # second pass: the fit also leaves out the pairs the first pass could not explain
+        for t, s in zip(*np.nonzero(counts > counts.T)):
+            w = used.copy()
+            w[t, s] = w[s, t] = 0.0  # leave this pair out: one odd cell must not explain itself
+            laplacian = np.diag(w.sum(axis=1)) - w + 1e-9 * np.eye(n_classes)
+            u = np.linalg.solve(laplacian, (w * log_ratio).sum(axis=1))
+            shift[t, s] = u[t] - u[s]
+            z[t, s] = (log_ratio[t, s] - shift[t, s]) * np.sqrt(weight[t, s])
+        used = np.where((z > z_min) | (z.T > z_min), 0.0, weight)
+    expected = counts.T * np.exp(shift)
+    cells = (counts > ratio * (expected + 1.0)) & (z >= z_min)
+    np.fill_diagonal(cells, False)
+    return cells
+
+
+def cross_fit_keep(probs: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DefenseConfig) -> np.ndarray:
+    """Keep where the judged p(label) >= refinement_threshold, except samples of an anomalous cell scoring below
+    anomaly_threshold."""
+    n = len(labels)
+    score = probs[np.arange(n), labels]
+    keep = score >= cfg.refinement_threshold
+    if cfg.anomaly_ratio > 0:
+        cells = anomalous_cells(probs, labels, n_classes, cfg.anomaly_threshold, cfg.anomaly_ratio, cfg.anomaly_z)
+        if cells.any():
+            other = probs.copy()
+            other[np.arange(n), labels] = -1.0
+            in_cell = cells[labels, other.argmax(axis=1)]
+            keep &= ~(in_cell & (score < cfg.anomaly_threshold))
+    return keep
+
+
+def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """The samples the next cross-fitted round trains on."""
+    if cfg.refinement_train_threshold is None:
+        return keep
+    return keep & (correct >= cfg.refinement_train_threshold)
 
 
 def predict_probabilities(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:

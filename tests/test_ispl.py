@@ -193,3 +193,158 @@ def test_changing_only_refinement_reuses_the_learners(planted, tmp_path, monkeyp
                          checkpoint_dir=tmp_path)
     assert trained == []
     assert len(result.refinement_rounds) == 2  # the refinement itself ran again with its new parameters
+
+
+# ------------------------------------------------------------------ options for small models (the cpu profile)
+
+def crossfit_config(**overrides) -> DefenseConfig:
+    values = dict(vote_rule="held_out", vote_threshold=0.2, refinement_folds=2, refinement_rounds=2,
+                  refinement_epochs=4, refinement_decay=0.5, refinement_threshold=0.2,
+                  refinement_train_threshold=0.3, anomaly_ratio=3.0, anomaly_z=3.0, anomaly_threshold=0.5)
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+def test_paper_defaults_leave_the_options_off():
+    cfg = DefenseConfig()
+    assert cfg.vote_rule == "plurality" and cfg.refinement_folds == 1 and cfg.anomaly_ratio == 0
+    assert cfg.refinement_train_threshold is None
+
+
+@pytest.mark.parametrize("bad", [{"vote_rule": "majority"}, {"refinement_folds": 0}, {"anomaly_ratio": -1}])
+def test_bad_option_values_are_refused(bad):
+    with pytest.raises(ValueError):
+        DefenseConfig.from_dict(bad)
+
+
+def test_held_out_probabilities_ignore_the_learner_that_trained_on_the_sample():
+    core_a = np.array([True, False, False])
+    core_b = np.array([False, True, False])
+    probs_a = np.array([[1.0, 0.0], [0.2, 0.8], [0.6, 0.4]], dtype=np.float16)
+    probs_b = np.array([[0.0, 1.0], [0.9, 0.1], [0.2, 0.8]], dtype=np.float16)
+    recs = [ispl.LearnerRecord(0, 0, core_a, probs_a.argmax(1), probs_a, []),
+            ispl.LearnerRecord(0, 1, core_b, probs_b.argmax(1), probs_b, [])]
+    held = ispl.held_out_probabilities(recs)
+    assert np.allclose(held[0], [0.0, 1.0], atol=1e-3)  # only learner b (a trained on sample 0)
+    assert np.allclose(held[1], [0.2, 0.8], atol=1e-3)  # only learner a
+    assert np.allclose(held[2], [0.4, 0.6], atol=1e-3)  # in no core: both
+    # A sample every core set holds falls back to all learners instead of dividing by zero.
+    both = [ispl.LearnerRecord(0, i, np.ones(3, bool), r.predictions, r.probabilities, []) for i, r in
+            enumerate(recs)]
+    assert np.isfinite(ispl.held_out_probabilities(both)).all()
+
+
+def _confused_probs(n_per_class=200, n_classes=4, planted=60, seed=0):
+    """Judged probabilities with symmetric natural confusion between classes 0<->1 and `planted` samples of
+    label 2 that look like class 3 (a 3 -> 2 poisoning)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    probs = np.full((len(labels), n_classes), 0.02)
+    probs[np.arange(len(labels)), labels] = 0.9
+    confused = np.concatenate([np.flatnonzero(labels == 0)[:30], np.flatnonzero(labels == 1)[:30]])
+    probs[confused] = 0.02
+    probs[confused, labels[confused]] = 0.3
+    probs[confused, 1 - labels[confused]] = 0.6
+    poisons = np.flatnonzero(labels == 2)[-planted:]
+    probs[poisons] = 0.02
+    probs[poisons, 3] = 0.85
+    probs[poisons, 2] = 0.05 + 0.2 * rng.random(planted)
+    return probs / probs.sum(1, keepdims=True), labels, poisons, confused
+
+
+def test_anomalous_cells_flag_a_one_sided_group_not_symmetric_confusion():
+    probs, labels, _, _ = _confused_probs()
+    cells = ispl.anomalous_cells(probs, labels, 4, threshold=0.5, ratio=3.0, z_min=3.0)
+    assert cells[2, 3]
+    assert cells.sum() == 1  # the natural 0<->1 confusion is symmetric: no cell
+
+
+def test_cross_fit_keep_removes_the_anomalous_cell_and_spares_hard_clean():
+    probs, labels, poisons, confused = _confused_probs()
+    cfg = crossfit_config(refinement_threshold=0.1, anomaly_threshold=0.5)
+    keep = ispl.cross_fit_keep(probs, labels, 4, cfg)
+    assert not keep[poisons].any()  # their p(label) is up to 0.25, above the plain threshold: the cell finds them
+    assert keep[confused].all()  # hard clean images (p(label) 0.3) of a symmetric confusion stay
+    off = ispl.cross_fit_keep(probs, labels, 4, crossfit_config(refinement_threshold=0.1, anomaly_ratio=0.0))
+    assert off[poisons].mean() > 0.5
+
+
+def test_cross_fitted_judges_never_judge_their_own_training_samples(planted, monkeypatch):
+    _, poisoned, _ = planted
+    trained, judged = [], []
+    real_fit, real_predict = ispl.fit, ispl.predict_logits
+
+    def recording_fit(data, cfg, indices=None, **kwargs):
+        model = real_fit(data, cfg, indices=indices, **kwargs)
+        model._trained_on = set(np.asarray(indices).tolist()) | getattr(model, "_trained_on", set())
+        return model
+
+    def recording_predict(model, data, indices=None, **kwargs):
+        if indices is not None and hasattr(model, "_trained_on"):
+            judged.append(set(np.asarray(indices).tolist()))
+            trained.append(model._trained_on)
+        return real_predict(model, data, indices, **kwargs)
+
+    monkeypatch.setattr(ispl, "fit", recording_fit)
+    monkeypatch.setattr(ispl, "predict_logits", recording_predict)
+    run_defense(poisoned.images, poisoned.labels, 4, crossfit_config(boost=2))
+    refinement = [(t, j) for t, j in zip(trained, judged) if len(j) < len(poisoned.labels)]
+    assert len(refinement) == 4  # 2 rounds x 2 folds
+    for t, j in refinement:
+        assert not (t & j)
+    assert set().union(*judged[-2:]) == set(range(len(poisoned.labels)))  # every sample judged each round
+
+
+def test_cross_fitted_defense_finds_the_trigger(planted):
+    _, poisoned, mask = planted
+    result = run_defense(poisoned.images, poisoned.labels, 4, crossfit_config(boost=2))
+    removed = ~result.keep_mask
+    assert removed[mask].mean() >= 0.9, f"only {removed[mask].sum()} of {mask.sum()} poisons removed"
+    assert removed[~mask].mean() <= 0.05
+    assert len(result.refinement_rounds) == 2
+
+
+def test_cross_fitted_refinement_resumes_to_the_identical_mask(planted, tmp_path):
+    _, poisoned, _ = planted
+    cfg = crossfit_config(boost=2)
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_round(kind, info):
+        if kind == "refinement" and info["round"] == 1:  # round 0 is checkpointed, round 1 is not
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
+                    observe=stop_after_first_round)
+    rounds = []
+    resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
+                          observe=lambda kind, info: rounds.append(info.get("round")) if kind == "refinement"
+                          else None)
+    assert rounds == [1]  # round 0's judges and scores came from the checkpoint
+    assert np.array_equal(resumed.keep_mask, full.keep_mask)
+    assert np.allclose(resumed.refinement_correct, full.refinement_correct)
+    assert resumed.meter.train_samples == full.meter.train_samples
+
+
+def test_damaged_checkpoints_are_retrained_not_a_crash(planted, tmp_path, caplog):
+    _, poisoned, _ = planted
+    cfg = tiny_config(boost=2, refinement_rounds=1)
+    first = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path)
+    (tmp_path / "learner-b00-01.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "refinement.pt").write_bytes(b"\x00" * 10)
+    again = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path)
+    assert "damaged checkpoint" in caplog.text
+    np.testing.assert_array_equal(first.keep_mask, again.keep_mask)
+
+
+def test_suspicion_orders_removed_above_kept_and_is_fine_grained(planted):
+    _, poisoned, _ = planted
+    result = run_defense(poisoned.images, poisoned.labels, 4, tiny_config(boost=2, refinement_rounds=1))
+    if result.keep_mask.any() and (~result.keep_mask).any():
+        assert result.suspicion[~result.keep_mask].min() >= result.suspicion[result.keep_mask].max()
+    # continuous: far more distinct values than the few (agreement, refinement) levels it used to take
+    levels = len({(a, c) for a, c in zip(result.vote_agreement, result.refinement_correct)})
+    assert len(np.unique(result.suspicion)) > 5 * levels
