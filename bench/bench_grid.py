@@ -23,21 +23,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def overhead(summary: dict) -> tuple[float, float]:
+def overhead(summary: dict) -> tuple[float, float, float, float]:
+    """(overhead per scenario, the same once a worker is warm, the first scenario's wait per worker, compute)."""
     timing = summary["timing"]
     by_pid: dict[int, list[dict]] = {}
     for t in timing["scenarios"]:
         by_pid.setdefault(t["pid"], []).append(t)
-    gaps = []
+    warm, cold = [], []
     for runs in by_pid.values():
         runs.sort(key=lambda t: t["start"])
         previous_end = timing["submitted"]
-        for t in runs:
-            gaps.append(t["start"] - previous_end)
+        for i, t in enumerate(runs):
+            (cold if i == 0 else warm).append(t["start"] - previous_end)
             previous_end = t["end"]
     tail = timing["gathered"] - max(t["end"] for t in timing["scenarios"])
     compute = sum(t["end"] - t["start"] for t in timing["scenarios"])
-    return (sum(gaps) + tail) / len(timing["scenarios"]), compute
+    n = len(timing["scenarios"])
+    # the first task on each worker also pays for everything before it (submission of the whole grid)
+    warm_per_scenario = (sum(warm) + tail) / max(1, n - len(cold))
+    return (sum(warm) + tail + sum(cold)) / n, warm_per_scenario, sum(cold) / max(1, len(cold)), compute
 
 
 def main() -> None:
@@ -74,11 +78,13 @@ def main() -> None:
         summary = run_grid(workers=workers, scenarios=scenarios, out=str(work / label.replace(" ", "")),
                            retrain=False, threads_per_scenario=None if workers > 1 else None)
         wall = time.monotonic() - t0
-        per_scenario, compute = overhead(summary)
+        per_scenario, warm, first_wait, compute = overhead(summary)
         results[label] = wall
         rss = max(t["max_rss_mib"] for t in summary["timing"]["scenarios"])
         print(f"{label:12s} wall {wall:7.1f} s  scenario compute {compute:7.1f} s  "
-              f"overhead per scenario {per_scenario:5.2f} s  peak RSS of a scenario's process {rss:6.0f} MiB")
+              f"overhead per scenario {per_scenario:5.2f} s (warm worker {warm:4.2f} s; first task per worker "
+              f"waited {first_wait:5.2f} s)  "
+              f"peak RSS of a scenario's process {rss:6.0f} MiB")
     seq, par = results["sequential"], results[f"dask x{args.workers}"]
     print(f"speed-up {seq / par:.2f}x (wall includes starting the flow, ingesting the subset, and for Dask the "
           f"local cluster)")

@@ -181,8 +181,10 @@ def task_runner(workers: int = 1, dask_address: str | None = None, memory_limit:
     if workers > 1:
         from prefect_dask import DaskTaskRunner
 
+        # preload: each worker imports torch and the engine when it starts, not inside its first scenario
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "memory_limit": memory_limit, "dashboard_address": None})
+                                              "memory_limit": memory_limit, "dashboard_address": None,
+                                              "preload": ["flows.grid"]})
     return ThreadPoolTaskRunner(max_workers=1)
 
 

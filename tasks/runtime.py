@@ -22,7 +22,7 @@ def configure(project_dir: str | os.PathLike | None = None, verbose: bool = Fals
         # the CLI reports a failure as one line on stderr; Prefect would add its traceback (--debug shows it)
         "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
         "PREFECT_TASKS_REFRESH_CACHE": "false",
-        "MLFLOW_LOGGING_LEVEL": "DEBUG" if verbose else "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "DEBUG" if verbose else "ERROR",
     }
     home.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
