@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.steps import flow_run_id, log_sanitization, run_step
+from flows.running import flow_run_id, log_sanitization, run_step
 from incompat import lineage
 from incompat.config import load_params
 from incompat.steps import Layout
@@ -41,7 +41,7 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
                             test_digest=t.digest_of(ingested, "test"))
         defense = params.defense.to_dict()
         dataset_digest = t.digest_of(poisoned, "train")
-        truth = str(layout.truth)
+        truth = str(layout.truth.resolve())
         clustered = run_step(t.cluster, root=root, flat=False, defense=defense, profile=params.profile,
                              dataset_digest=dataset_digest, truth=truth, truth_digest=t.digest_of(poisoned, "truth"),
                              progress=progress)

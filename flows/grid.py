@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.steps import flow_run_id, run_step
+from flows.running import flow_run_id, run_step
 from incompat import lineage, steps
 from incompat.config import load_params
 from incompat.files import write_text_atomic

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.steps import flow_run_id, log_sanitization, run_step
+from flows.running import flow_run_id, log_sanitization, run_step
 from incompat import lineage
 from incompat.config import load_params
 from incompat.data import DataError

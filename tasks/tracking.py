@@ -140,7 +140,7 @@ class Tracker:
                 per_learner.setdefault(key, {"rounds": [], "summary": {}})["summary"] = event
             if kind == "learner":
                 continue
-            stage = {"round": "ispl", "vote": "vote", "refinement": "refinement"}[kind]
+            stage = {"round": "ispl"}.get(kind, kind)
             for key in ("kept_fraction", "poison_kept", "mean_loss"):
                 if key in event:
                     metrics.append(Metric(f"{stage}.{key}", float(event[key]), now, step))

@@ -8,6 +8,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from incompat.data import DataError
 from incompat.steps import Layout
 
 log = logging.getLogger("incompat.flows")
@@ -45,7 +46,7 @@ def log_sanitization(tracker, layout: Layout, source_paths: list[str]) -> None:
         if path.suffix == ".parquet":
             try:
                 tracker.log_dataset(path, "source" if i == 0 else "incoming")
-            except Exception:  # a raw (non-canonical) parquet: logged through the ingested copy below
+            except DataError:  # a raw (non-canonical) parquet: it is logged through the ingested copy below
                 pass
     tracker.log_dataset(layout.raw_train, "ingested")
     if layout.poisoned_train.exists() and layout.sanitized_input() == layout.poisoned_train:
