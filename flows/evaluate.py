@@ -15,10 +15,6 @@ from tasks import steps as t
 from tasks.tracking import Tracker
 
 
-def source_digest(path: str | None) -> str | None:
-    return lineage.reference("source", path)["digest"] if path else None
-
-
 @flow(name="evaluate", version=t.STEP_VERSION, log_prints=True)
 def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: str | None = None,
              overrides: dict | None = None, scenario: str | None = None, experiment: str = "incompat",
@@ -35,8 +31,8 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
         context = {"mlflow_run_id": tracker.run_id, "prefect_flow_run_id": flow_run_id()}
         p = params.ingest
         ingested = run_step(t.ingest, root=root, flat=False, ingest_params=p.__dict__, sources=[p.source],
-                            source_digests=[source_digest(p.source)], test_source=p.test_source,
-                            test_digest=source_digest(p.test_source), subset=p.subset)
+                            source_digests=[lineage.digest(p.source)], test_source=p.test_source,
+                            test_digest=lineage.digest(p.test_source), subset=p.subset)
         poisoned = run_step(t.poison, root=root, flat=False, scenario=scenario, train_digest=ingested["dataset_digest"],
                             test_digest=t.digest_of(ingested, "test"))
         defense = params.defense.to_dict()

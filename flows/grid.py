@@ -112,8 +112,8 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
     shared = steps.Layout(out_dir)
     p = params.ingest
     ingested = run_step(t.ingest, root=str(out_dir), flat=False, ingest_params=p.__dict__, sources=[p.source],
-                        source_digests=[lineage.reference("source", p.source)["digest"]], test_source=p.test_source,
-                        test_digest=lineage.reference("source", p.test_source)["digest"] if p.test_source else None,
+                        source_digests=[lineage.digest(p.source)], test_source=p.test_source,
+                        test_digest=lineage.digest(p.test_source),
                         subset=p.subset)
     raw_digests = [ref["digest"] for ref in ingested["outputs"]]
     params_digest = lineage.file_sha256(params_path)

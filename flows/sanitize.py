@@ -61,7 +61,7 @@ def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = N
         print(f"no new batches in {incoming}: nothing to sanitize")
         return {"status": "no new data", "incoming": incoming}
     sources = [dataset] + batches
-    source_digests = [lineage.reference("source", s)["digest"] for s in sources]
+    source_digests = [lineage.digest(s) for s in sources]
     out_dir = Path(out)
     version = version_key(source_digests, params, lineage.code_version()) if versioned else None
     layout = Layout(out_dir / version if version else out_dir, flat=True)
@@ -77,7 +77,7 @@ def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = N
         ingested = run_step(t.ingest, root=root, flat=True, ingest_params=params.ingest.__dict__, sources=sources,
                             source_digests=source_digests, test_source=None, test_digest=None, subset=None)
         defense = params.defense.to_dict()
-        truth_digest = lineage.reference("truth", truth)["digest"] if truth else None
+        truth_digest = lineage.digest(truth)
         dataset_digest = ingested["dataset_digest"]
         clustered = run_step(t.cluster, root=root, flat=True, defense=defense, profile=params.profile,
                              dataset_digest=dataset_digest, truth=truth, truth_digest=truth_digest,

@@ -138,3 +138,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_output(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike, error: type[Exception]):
+    """A JSON file, or `error` naming the file and what is wrong with it."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})") from None

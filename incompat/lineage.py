@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from incompat.data import DataError, read_dataset, read_metadata
+from incompat import files
 from incompat.files import write_text_atomic
 
 LINEAGE_VERSION = 1
@@ -129,12 +130,12 @@ def write_manifest(path: str | os.PathLike, step: str, *, inputs: list[dict], ou
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    return files.read_json(path, DataError)
+
+
+def digest(path: str | os.PathLike | None) -> str | None:
+    """The content digest a reference to `path` would record (None for no path)."""
+    return reference("source", path)["digest"] if path else None
 
 
 @dataclass

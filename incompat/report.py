@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from incompat.data import DataError, ImageSet, read_dataset, read_metadata
-from incompat.files import atomic_output
+from incompat.files import atomic_output, read_json
 from incompat.metrics import detection_confusion
 
 SECTION_IDS = ("summary", "notes", "per-class", "detection", "evaluation", "baselines", "parameters",
@@ -144,12 +144,7 @@ class _Run:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path}: not readable JSON ({exc})") from None
+    return read_json(path, ReportError)
 
 
 def _load_params(path: Path) -> Any:

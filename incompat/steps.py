@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,11 @@ def merge(parts: list[tuple[str, ImageSet]]) -> tuple[ImageSet, dict]:
 
 
 def run_ingest(layout: Layout, params: IngestParams, sources: list[str] | None = None,
-               test_source: str | None = "params", subset: int | None | str = "params") -> dict:
+               test_source: str | None = "params", subset: int | None | str = "params",
+               known_digests: dict[str, str] | None = None) -> dict:
     """Read the source(s) (the first one is the base; later ones are incoming batches, merged), take the
-    stratified subset when asked, write raw/train.parquet (+ raw/test.parquet) and raw/ingest.json."""
+    stratified subset when asked, write raw/train.parquet (+ raw/test.parquet) and raw/ingest.json.
+    known_digests: source path -> digest the caller already computed (hashing a source is not repeated)."""
     from incompat.readers import read_source, subsample_stratified
 
     sources = [str(s) for s in (sources or [params.source])]
@@ -146,9 +149,11 @@ def run_ingest(layout: Layout, params: IngestParams, sources: list[str] | None =
         outputs.append(lineage.reference("quarantine", layout.quarantine, layout.raw))
     elif layout.quarantine.exists():
         layout.quarantine.unlink()
-    inputs = [lineage.reference("base" if i == 0 else "incoming", s, layout.raw) for i, s in enumerate(sources)]
+    known = known_digests or {}
+    inputs = [lineage.reference("base" if i == 0 else "incoming", s, layout.raw, known.get(s))
+              for i, s in enumerate(sources)]
     if test_source:
-        inputs.append(lineage.reference("test_source", test_source, layout.raw))
+        inputs.append(lineage.reference("test_source", test_source, layout.raw, known.get(test_source)))
     summary = {"n_samples": len(dataset), "n_merged": n_merged, "n_classes": dataset.n_classes,
                "n_skipped": len(quarantine), "n_duplicates": len(merged["duplicates"]),
                "dataset_digest": train_digest}
@@ -270,8 +275,7 @@ def build_lineage(layout: Layout, inputs: list[dict], outputs: list[dict], param
     base = layout.clean_dir.resolve()
     for manifest in chain:
         for ref in manifest["inputs"] + manifest["outputs"]:
-            ref["path"] = str(Path(ref["abs"]).relative_to(base)) if Path(ref["abs"]).is_relative_to(base) \
-                else _relpath(ref["abs"], base)
+            ref["path"] = os.path.relpath(ref["abs"], base)
     scenario = next((m["params"].get("resolved") for m in chain if m["step"] == "poison"), None)
     ingest = next((m for m in chain if m["step"] == "ingest"), None)
     return {
@@ -291,12 +295,6 @@ def build_lineage(layout: Layout, inputs: list[dict], outputs: list[dict], param
         "n_duplicates_at_ingest": ingest["summary"].get("n_duplicates") if ingest else None,
         "chain": chain,
     }
-
-
-def _relpath(path: str, base: Path) -> str:
-    import os
-
-    return os.path.relpath(path, base)
 
 
 # --- retrain and evaluate -----------------------------------------------------------------------------------
@@ -364,12 +362,10 @@ def run_evaluate(layout: Layout, params: Params) -> dict:
 
     test = read_dataset(layout.raw_test)
     triggered = read_dataset(layout.test_triggered) if layout.test_triggered.exists() else None
-    target = None
+    target, report = None, {}
     if layout.scenario.exists():
-        target = yaml.safe_load(layout.scenario.read_text())["attack"]["target"]
-    report: dict = {}
-    if layout.scenario.exists():
-        report["scenario"] = yaml.safe_load(layout.scenario.read_text())["name"]
+        scenario = yaml.safe_load(layout.scenario.read_text())
+        target, report["scenario"] = scenario["attack"]["target"], scenario["name"]
     retrain = lineage.read_json(layout.retrain_manifest).get("summary", {}) if layout.retrain_manifest.exists() \
         else {}
     for name, path in (("before", layout.model_before), ("after", layout.model_after)):

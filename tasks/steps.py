@@ -59,7 +59,11 @@ def _step(name: str):
 @_step("ingest")
 def ingest(root: str, flat: bool, ingest_params: dict, sources: list[str], source_digests: list[str],
            test_source: str | None, test_digest: str | None, subset: int | None) -> dict:
-    return steps.run_ingest(steps.Layout(root, flat), IngestParams(**ingest_params), sources, test_source, subset)
+    known = dict(zip(sources, source_digests))
+    if test_source and test_digest:
+        known[test_source] = test_digest
+    return steps.run_ingest(steps.Layout(root, flat), IngestParams(**ingest_params), sources, test_source, subset,
+                            known_digests=known)
 
 
 @_step("poison")
