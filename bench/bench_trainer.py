@@ -186,6 +186,26 @@ def train_and_test(train_x, train_y, test_x, test_y, cfg: TrainConfig, seconds: 
 
 # ----------------------------------------------------------------------------------------------------- main
 
+def allocator_comparison(args) -> int:
+    """fit() throughput with glibc's default malloc thresholds vs incompat.training.tune_allocator, alternating
+    fresh processes (the tuning cannot be undone inside one)."""
+    import os
+    import subprocess
+
+    rates: dict[str, list[float]] = {"default malloc": [], "tuned malloc": []}
+    for _ in range(2):
+        for name, flag in (("default malloc", "0"), ("tuned malloc", "1")):
+            cmd = [sys.executable, __file__, "--trainer-only", "--throughput-images", str(args.throughput_images)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, env={**os.environ, "INCOMPAT_TUNE_MALLOC": flag}, capture_output=True,
+                                 text=True, check=True).stdout
+            rates[name].append(float(out.split("TRAINER_IMG_PER_S")[1].split()[0]))
+    for name, values in rates.items():
+        print(f"{name:15} " + " / ".join(f"{v:,.0f}" for v in values) + " img/s")
+    return 0
+
+
 def main(argv=None) -> int:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,7 +227,12 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--backdoor", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--allocator", action="store_true",
+                   help="this trainer's img/s with and without the malloc tuning (each in a fresh process)")
+    p.add_argument("--trainer-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.allocator:
+        return allocator_comparison(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +246,11 @@ def main(argv=None) -> int:
     test_x, test_y = decode_cifar(args.data_dir / "test.parquet")
     print(f"decoded CIFAR-10 {train_x.shape} + {test_x.shape} in {time.perf_counter() - t0:.1f}s", flush=True)
     figures: dict = {"config": cfg.to_dict(), "threads": torch.get_num_threads()}
+
+    if args.trainer_only:  # one figure for --allocator's parent process
+        idx = np.random.default_rng(0).permutation(len(train_y))[:args.throughput_images]
+        print(f"TRAINER_IMG_PER_S {trainer_throughput(TensorData(train_x, train_y), idx, cfg):.1f}")
+        return 0
 
     if not args.no_throughput:
         n = args.throughput_images

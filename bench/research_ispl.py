@@ -49,11 +49,12 @@ def main():
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tag", default="")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     overrides = parse_overrides(args.set)
     overrides.setdefault("learner_train", {})["threads"] = 1
-    params = load_params(ROOT / "params.yaml", profile=args.profile, defense_overrides=overrides)
+    params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
     cfg = params.defense
     train, mask, scenario = load(args.dataset, args.subset or None, args.scenario)
     key = hashlib.sha1(json.dumps([args.dataset, args.subset, args.scenario, cfg.to_dict()], sort_keys=True,
