@@ -111,6 +111,15 @@ def main() -> None:
         if header != FIELDS:
             sys.exit(f"{csv_path} has other columns ({len(header)}); pass --csv NEW_FILE")
     rows = []
+    import platform
+
+    import torch
+
+    from incompat.training import cpu_has_native_bf16, resolve_device
+
+    # Wall times differ 2-3x between the machine kinds this project has run on: say which one measured them.
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"device {resolve_device()}, native bf16 {cpu_has_native_bf16()}", flush=True)
     print(f"# {args.dataset}: {len(train_base)} training images, profile {args.profile}, "
           f"defense {json.dumps(dataclasses.asdict(params.defense), default=str)}", flush=True)
     with open(csv_path, "a", newline="") as fh:

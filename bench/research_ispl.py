@@ -50,10 +50,11 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tag", default="")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
-    overrides.setdefault("learner_train", {})["threads"] = 1
+    overrides.setdefault("learner_train", {})["threads"] = args.threads
     params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
     cfg = params.defense
     train, mask, scenario = load(args.dataset, args.subset or None, args.scenario)

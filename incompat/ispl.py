@@ -67,6 +67,11 @@ class DefenseConfig:
     min_active: float = 0.04  # stop a bag when the active set falls below this fraction (paper: 2000 of 50k)
     loss_decay: float = 0.9  # EMA of per-sample losses across refit rounds
     class_floor: float = 0.125  # per-class quantile = threshold * class_floor (paper: thresh / 8)
+    # True: a core set is exactly the per-class quantile (a cap as well as a floor), so it holds the same share of
+    # every class. Without the cap an easy class can fill the first core set almost whole (77 of its 80 samples
+    # in a 4-class test set), the later learners of the bag never see it, and the vote ("more than one learner
+    # agrees") then removes the whole class.
+    balanced_core: bool = False
     warmup_epochs: int = 8
     refit_epochs: int = 4
     refit_rounds: int | None = None  # None = the paper's 2 + clip(1 // data_fraction_per_learner, 1, 3)
@@ -168,8 +173,10 @@ def refit_rounds_for(cfg: DefenseConfig, data_perc: float) -> int:
     return 2 + max(1, min(3, int(1 // data_perc)))
 
 
-def trim(losses: np.ndarray, labels: np.ndarray, n_classes: int, thresh: float, class_floor: float) -> np.ndarray:
-    """Keep the lowest-loss `thresh` fraction overall, plus the lowest `thresh*class_floor` of every class."""
+def trim(losses: np.ndarray, labels: np.ndarray, n_classes: int, thresh: float, class_floor: float,
+         balanced: bool = False) -> np.ndarray:
+    """Keep the lowest-loss `thresh` fraction overall, plus the lowest `thresh*class_floor` of every class;
+    `balanced`: only the latter (each class contributes its own lowest `thresh*class_floor` share)."""
     losses = np.nan_to_num(losses, nan=float(np.nanmean(losses)) if np.isfinite(losses).any() else 0.0)
     keep = np.zeros(len(losses), dtype=bool)
     class_thresh = thresh * class_floor
@@ -177,6 +184,8 @@ def trim(losses: np.ndarray, labels: np.ndarray, n_classes: int, thresh: float, 
         in_class = labels == c
         if in_class.any():
             keep[in_class] = losses[in_class] <= np.quantile(losses[in_class], class_thresh)
+    if balanced:
+        return keep
     return keep | (losses <= np.quantile(losses, thresh))
 
 
@@ -338,7 +347,7 @@ def weak_learner(data: TensorData, labels: np.ndarray, n_classes: int, active: n
             loss_ema = losses * (1 - cfg.loss_decay) + loss_ema * cfg.loss_decay
             thresh = min(3, max(1, n_rounds - 2 - it)) * data_perc
             thresh = max(0.0, min(1.0, thresh))
-            active_keep = trim(loss_ema, active_labels, n_classes, thresh, cfg.class_floor)
+            active_keep = trim(loss_ema, active_labels, n_classes, thresh, cfg.class_floor, cfg.balanced_core)
             # The expansion: the next round sees only a random 1/beta of what was kept.
             train_local = active_keep & (rng.random(len(active_idx)) < 1.0 / cfg.beta)
             if train_local.sum() < 2:

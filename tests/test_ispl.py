@@ -16,7 +16,7 @@ from tests.conftest import make_imageset
 
 def tiny_config(**overrides) -> DefenseConfig:
     values = dict(bags=1, boost=3, warmup_epochs=4, refit_epochs=2, refit_rounds=3, core_epochs=8,
-                  class_floor=1.0, refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
+                  class_floor=1.0, balanced_core=True, refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
                   learner_train={"model": "small_cnn", "width": 8, "batch_size": 32, "lr": 0.05,
                                  "schedule": "constant", "augment": False, "weight_decay": 5e-4})
     values.update(overrides)
@@ -42,6 +42,28 @@ def test_trim_keeps_lowest_losses_with_a_per_class_floor():
     assert keep[3] and not keep[[4, 5]].any()
 
 
+def test_balanced_trim_takes_the_same_share_of_every_class():
+    # Class 0 holds every one of the lowest losses: unbalanced, the overall cut takes all of class 0.
+    losses = np.array([0.1, 0.2, 0.3, 0.4, 5.0, 6.0, 7.0, 8.0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    unbalanced = trim(losses, labels, 2, thresh=0.5, class_floor=0.5)
+    assert unbalanced[:4].all()
+    balanced = trim(losses, labels, 2, thresh=0.5, class_floor=0.5, balanced=True)
+    assert balanced.tolist() == [True, False, False, False, True, False, False, False]
+    assert np.bincount(labels[trim(losses, labels, 2, 0.5, 1.0, balanced=True)]).tolist() == [2, 2]
+
+
+def test_an_easy_class_is_not_removed_whole():
+    # One class far easier than the rest (a much brighter band): unbalanced core sets let the first learner
+    # absorb it, later learners never see it and the vote drops it; balanced ones keep it.
+    data = make_imageset(n_per_class=60, n_classes=4, size=12, seed=7)
+    images = data.images.copy()
+    images[data.labels == 2] = np.clip(images[data.labels == 2].astype(int) + 60, 0, 255).astype(np.uint8)
+    result = run_defense(images, data.labels, 4, tiny_config())
+    removed_per_class = np.bincount(data.labels[~result.keep_mask], minlength=4)
+    assert removed_per_class.max() <= 6, removed_per_class.tolist()
+
+
 def test_vote_is_plurality_with_seeded_tie_break():
     preds = np.array([[0, 1, 2, 0], [0, 1, 1, 1], [2, 2, 1, 2]])
     winner, count = vote(preds, 3, np.random.default_rng(0))
@@ -54,9 +76,12 @@ def test_vote_is_plurality_with_seeded_tie_break():
     assert draws == {0, 1, 2}
 
 
-def test_planted_trigger_is_found(planted, tmp_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_trigger_is_found(planted, seed):
+    # Several seeds: with unbalanced core sets this outcome flipped between machines (bf16 vs fp32 training)
+    # and seeds, losing a whole easy class in some; balanced core sets found every poison on seeds 0-5.
     _, poisoned, mask = planted
-    result = run_defense(poisoned.images, poisoned.labels, poisoned.n_classes, tiny_config())
+    result = run_defense(poisoned.images, poisoned.labels, poisoned.n_classes, tiny_config(seed=seed))
     removed = ~result.keep_mask
     assert removed[mask].mean() >= 0.9, f"only {removed[mask].sum()} of {mask.sum()} poisons removed"
     assert removed[~mask].mean() <= 0.05
