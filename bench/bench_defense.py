@@ -17,11 +17,13 @@ import argparse
 import csv
 import dataclasses
 import json
+import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +36,7 @@ from incompat.evaluation import train_and_evaluate  # noqa: E402
 from incompat.ispl import run_defense  # noqa: E402
 from incompat.metrics import detection_confusion  # noqa: E402
 from incompat.readers import ingest, subsample_stratified  # noqa: E402
-from incompat.training import TensorData, extract_features  # noqa: E402
+from incompat.training import TensorData, cpu_has_native_bf16, extract_features, resolve_device  # noqa: E402
 
 # Four GTSRB scenarios across sign types, one per trigger kind plus a second pattern, rates 5-20% of the source.
 GTSRB_SCENARIOS = [
@@ -91,8 +93,6 @@ def main() -> None:
 
     overrides = parse_overrides(args.set)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
         overrides.setdefault("learner_train", {})["threads"] = args.threads
     params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
@@ -111,12 +111,6 @@ def main() -> None:
         if header != FIELDS:
             sys.exit(f"{csv_path} has other columns ({len(header)}); pass --csv NEW_FILE")
     rows = []
-    import platform
-
-    import torch
-
-    from incompat.training import cpu_has_native_bf16, resolve_device
-
     # Wall times differ 2-3x between the machine kinds this project has run on: say which one measured them.
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {resolve_device()}, native bf16 {cpu_has_native_bf16()}", flush=True)

@@ -40,7 +40,8 @@ def main():
     p_ho = np.load(ROOT / "bench" / "results" / "research" / args.ckpt / "p_ho.npy")
     pl = p_ho[np.arange(n), labels]
     suspect = pl < args.tau
-    print(f"suspects {suspect.sum()} ({suspect.mean():.1%}), poisons among them {(suspect & mask).sum()}/{mask.sum()}")
+    print(f"suspects {suspect.sum()} ({suspect.mean():.1%}), "
+          f"poisons among them {(suspect & mask).sum()}/{mask.sum()}")
     rng = np.random.default_rng(0)
     data = TensorData(train.images, labels, num_classes=train.n_classes)
     meter = ComputeMeter()

@@ -16,7 +16,8 @@ from tests.conftest import make_imageset
 
 def tiny_config(**overrides) -> DefenseConfig:
     values = dict(bags=1, boost=3, warmup_epochs=4, refit_epochs=2, refit_rounds=3, core_epochs=8,
-                  class_floor=1.0, balanced_core=True, refinement_rounds=0, refinement_epochs=3, min_active=0.05, seed=0,
+                  class_floor=1.0, balanced_core=True, refinement_rounds=0, refinement_epochs=3, min_active=0.05,
+                  seed=0,
                   learner_train={"model": "small_cnn", "width": 8, "batch_size": 32, "lr": 0.05,
                                  "schedule": "constant", "augment": False, "weight_decay": 5e-4})
     values.update(overrides)
