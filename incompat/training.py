@@ -176,9 +176,9 @@ def tune_allocator() -> bool:
     A small-CNN step allocates and frees activation buffers of 33.5 MB (batch 256: 256x32x32x32 fp32), just
     above the 32 MiB ceiling of glibc's dynamic mmap threshold: each one is a fresh mmap whose every page is
     faulted in again on first touch. On a 2-core AVX2 machine (no native bf16) half of the training CPU time
-    was kernel time: ~0.9 million minor page faults for a 6,000-image epoch (0.16 million tuned). Raising the mmap and trim thresholds
-    keeps those buffers in the heap: 1,194-1,275 -> 1,449-1,880 img/s on that machine (fp32; also
-    bench/bench_trainer.py --allocator).
+    was kernel time: ~0.9 million minor page faults for a 6,000-image epoch (0.16 million tuned). Raising the
+    mmap and trim thresholds keeps those buffers in the heap: 1,194-1,275 -> 1,449-1,880 img/s on that machine
+    (fp32; also bench/bench_trainer.py --allocator).
     Linux/glibc only; elsewhere (or when the libc has no mallopt, or INCOMPAT_TUNE_MALLOC=0) it does nothing.
     Returns True when applied."""
     global _ALLOCATOR_TUNED
