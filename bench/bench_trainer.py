@@ -247,14 +247,13 @@ def main(argv=None) -> int:
     print(f"decoded CIFAR-10 {train_x.shape} + {test_x.shape} in {time.perf_counter() - t0:.1f}s", flush=True)
     figures: dict = {"config": cfg.to_dict(), "threads": torch.get_num_threads()}
 
+    idx = np.random.default_rng(0).permutation(len(train_y))[:args.throughput_images]
     if args.trainer_only:  # one figure for --allocator's parent process
-        idx = np.random.default_rng(0).permutation(len(train_y))[:args.throughput_images]
         print(f"TRAINER_IMG_PER_S {trainer_throughput(TensorData(train_x, train_y), idx, cfg):.1f}")
         return 0
 
     if not args.no_throughput:
-        n = args.throughput_images
-        idx = np.random.default_rng(0).permutation(len(train_y))[:n]
+        n = len(idx)
         data = TensorData(train_x, train_y)
         rows = {
             "trainer (batched tensors, channels_last, bf16)": trainer_throughput(data, idx, cfg),

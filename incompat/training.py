@@ -29,8 +29,9 @@ Whole fit() on CIFAR-10, batch assembly and augmentation included (bench/bench_t
     DataLoader (2 workers, fp32) 986 img/s: 3.8x. Same DataLoader with channels_last + bf16: 2,115 img/s.
     15 epochs on 50k images: 180 s at 4,159 img/s, 78.7% test accuracy.
 Batch assembly (batch 256): 0.6 ms plain, 1.7-3 ms augmented, against ~60 ms for the step itself.
-On a 2-core AMD EPYC with AVX2 only (no AVX-512, no native bf16: fp32 is used), fit() ran at 800-1,300 img/s
-with glibc's default malloc and 1,450-1,900 img/s with tune_allocator() (bench/bench_trainer.py --allocator).
+On a 2-core AMD EPYC with AVX2 only (no AVX-512, no native bf16: fp32 is used), a 6,000-image epoch of fit() ran
+at 890-1,275 img/s with glibc's default malloc and 1,248-1,880 img/s with tune_allocator() (noisy machine; see
+tune_allocator and bench/bench_trainer.py --allocator).
 Not used: torch.compile (first step 37 s, then no faster: 2,514 vs 2,948 img/s uncompiled in the same run);
 a maxpool written as torch.maximum of strided slices (forward as fast, backward 10x slower).
 Side by side: two 1-thread processes trained at 1,944 + 2,208 img/s while one 2-thread process did 3,515.
@@ -39,6 +40,7 @@ Side by side: two 1-thread processes trained at 1,944 + 2,208 img/s while one 2-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -167,9 +169,7 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------- devices
 
-_ALLOCATOR_TUNED = False
-
-
+@functools.cache
 def tune_allocator() -> bool:
     """Keep glibc malloc from handing big buffers back to the kernel after every training step.
 
@@ -177,13 +177,10 @@ def tune_allocator() -> bool:
     above the 32 MiB ceiling of glibc's dynamic mmap threshold: each one is a fresh mmap whose every page is
     faulted in again on first touch. On a 2-core AVX2 machine (no native bf16) half of the training CPU time
     was kernel time: ~0.9 million minor page faults for a 6,000-image epoch (0.16 million tuned). Raising the
-    mmap and trim thresholds keeps those buffers in the heap: 1,194-1,275 -> 1,449-1,880 img/s on that machine
+    mmap and trim thresholds keeps those buffers in the heap: 890-1,275 -> 1,248-1,880 img/s on that machine
     (fp32; also bench/bench_trainer.py --allocator).
     Linux/glibc only; elsewhere (or when the libc has no mallopt, or INCOMPAT_TUNE_MALLOC=0) it does nothing.
-    Returns True when applied."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
+    Returns True when applied. Cached: fit() calls it every time, the work happens once per process."""
     if not sys.platform.startswith("linux") or os.environ.get("INCOMPAT_TUNE_MALLOC", "1") == "0":
         return False
     import ctypes
@@ -196,9 +193,7 @@ def tune_allocator() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
     # glibc caps the mmap threshold (32 MiB on older 64-bit builds): try a roomy value first, then the cap.
     ok = bool(mallopt(m_mmap_threshold, 256 << 20)) or bool(mallopt(m_mmap_threshold, 32 << 20))
-    ok = ok and bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_top_pad, 64 << 20))
-    _ALLOCATOR_TUNED = ok
-    return ok
+    return ok and bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_top_pad, 64 << 20))
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
