@@ -207,6 +207,8 @@ def cmd_report(args) -> int:
     from incompat.report import ReportSources, write_report
 
     sources = ReportSources.discover(args.run_dir)
+    if args.truth:
+        sources.truth = Path(args.truth)
     out = Path(args.out) if args.out else Path(args.run_dir)
     paths = write_report(sources, out, top_k=args.top_k)
     _print_result(args, {"html": str(paths["html"]), "figures": [str(p) for p in paths.get("figures", [])]},
@@ -309,7 +311,8 @@ EXAMPLES = {
         incompat lineage sanitized/v-3f2a9c1e0b7d/lineage.json --json""",
     "report": """
         incompat report runs/s1
-        incompat report data --out /tmp/report""",
+        incompat report data --out /tmp/report
+        incompat report runs/s1 --truth data/poisoned/truth.parquet   # frame the true poisons, count them""",
     "step": """
         incompat step cluster                  # what `dvc repro` runs for the cluster stage""",
 }
@@ -404,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="where to write report.html (default: the run folder)")
     p.add_argument("--top-k", type=int, default=16, help="most suspicious samples shown per class")
+    p.add_argument("--truth", help="ground truth (truth.parquet) to show detection against; default: a "
+                                   "truth.parquet in the run folder, if any")
 
     p = add("step", "run one pipeline step on the data/ layout (used by dvc.yaml)", cmd_step)
     p.add_argument("name", choices=["ingest", "poison", "cluster", "filter", "retrain", "evaluate", "report"])

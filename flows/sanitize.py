@@ -87,7 +87,8 @@ def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = N
                             truth=truth, truth_digest=truth_digest, run_context=context)
         report = run_step(t.report, root=root, flat=True, input_digests=[
             r["digest"] for r in filtered["outputs"] + clustered["outputs"]],
-            params_path=str(Path(params_path).resolve()), title=f"incompat: sanitize {Path(dataset).name}")
+            params_path=str(Path(params_path).resolve()), title=f"incompat: sanitize {Path(dataset).name}",
+            truth=truth, truth_digest=truth_digest)
         log_sanitization(tracker, layout, sources)
         if version:
             write_text_atomic(out_dir / "LATEST", version + "\n")

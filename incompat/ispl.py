@@ -10,6 +10,8 @@ Follows Jin, Sun & Rinard (ICLR 2023) and its public code:
   vote          every learner's core model predicts the full dataset; keep where the (seeded, random tie-break)
                 plurality equals the label and more than one learner agrees.
   refinement    retrain on the kept set, EMA of "predicted correctly", keep where the EMA > threshold.
+  review order  the suspicion score ranks removed samples by how strongly the learners contradict the label,
+                weighted by how over-represented the sample's (label, other class) cell is (see review_order).
 
 Options for small models (all off by default, i.e. the paper's behaviour; the `cpu` profile turns them on):
   held-out vote         (vote_rule="held_out") each sample is judged only by the learners whose core set does not
@@ -485,15 +487,47 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     model = models[0]
     if correct is None:  # no refinement rounds: the vote decides
         correct = keep.astype(float)
-    # The learners' mean probability of the label makes the score continuous: agreement counts and the
-    # refinement average take few distinct values, and a reviewer needs an order within them.
-    label_probability = np.mean([rec.probabilities[np.arange(n), labels].astype(np.float64) for rec in learners],
-                                axis=0)
-    suspicion = 1.0 - (vote_agreement + correct + label_probability) / 3.0
-    # Removed samples rank above kept ones, then by how strongly the learners contradict their label.
-    suspicion = np.where(keep, 0.5 * suspicion, 0.5 + 0.5 * suspicion)
+    mean_probs = np.mean([rec.probabilities.astype(np.float64) for rec in learners], axis=0)
+    suspicion = review_order(keep, labels, n_classes, mean_probs, vote_agreement, correct)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
                          time.monotonic() - start, model)
+
+
+def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_probs: np.ndarray,
+                 vote_agreement: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """The suspicion score: removed samples in [0.5, 1], kept ones in [0, 0.5], so that review goes in this order.
+
+    Kept: how little the learners and the refinement agree with the label (mean of agreement, refinement score
+    and the learners' mean p(label)). Removed: (1 - mean p(label)) times the enrichment of the sample's (label,
+    most probable other class) cell, relative to the most enriched cell of its label. A poisoning relabels a group
+    of one class's images as another, so one (target, source) cell fills far beyond its transposed cell, while
+    natural confusions run both ways; by contradiction alone the poisons drown among the hard images of the
+    target class (measured on full CIFAR-10, 3->7 pattern 10%: 2 of the target class's 16 most suspicious were
+    poisons; with the enrichment, 13)."""
+    n = len(labels)
+    label_probability = mean_probs[np.arange(n), labels]
+    kept_score = 1.0 - (vote_agreement + correct + label_probability) / 3.0
+    enrichment = cell_enrichment(mean_probs, labels, n_classes)
+    removed_score = (1.0 - label_probability) * enrichment
+    return np.where(keep, 0.5 * kept_score, 0.5 + 0.5 * removed_score)
+
+
+def cell_enrichment(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per sample, in (0, 1]: the ratio C[label, other] / C[other, label] of its cell, divided by the largest
+    ratio in its label's row. `other` is the sample's most probable class besides its label; C counts the samples
+    whose most probable class is not their label, by (label, predicted), with +1 smoothing."""
+    n = len(labels)
+    predicted = probs.argmax(axis=1)
+    wrong = predicted != labels
+    counts = np.zeros((n_classes, n_classes))
+    np.add.at(counts, (labels[wrong], predicted[wrong]), 1.0)
+    ratio = (counts + 1.0) / (counts.T + 1.0)
+    np.fill_diagonal(ratio, 0.0)
+    row_max = ratio.max(axis=1, keepdims=True)
+    ratio = ratio / np.where(row_max > 0, row_max, 1.0)
+    others = probs.astype(np.float64, copy=True)
+    others[np.arange(n), labels] = -np.inf
+    return ratio[labels, others.argmax(axis=1)]
 
 
 def held_out_probabilities(learners: list[LearnerRecord]) -> np.ndarray:

@@ -387,7 +387,9 @@ def run_evaluate(layout: Layout, params: Params) -> dict:
 
 # --- report -------------------------------------------------------------------------------------------------
 
-def run_report(layout: Layout, params_path: Path | None = None, title: str | None = None) -> dict:
+def run_report(layout: Layout, params_path: Path | None = None, title: str | None = None,
+               truth: Path | None = None) -> dict:
+    """`truth`: ground truth given to the run (sanitize --truth); by default the poison step's, if any."""
     from incompat.report import ReportSources, write_report
 
     def present(path: Path) -> Path | None:
@@ -395,7 +397,7 @@ def run_report(layout: Layout, params_path: Path | None = None, title: str | Non
 
     sources = ReportSources(
         dataset=layout.sanitized_input(), scores=layout.scores, metrics=present(layout.metrics),
-        rounds=present(layout.rounds), truth=layout.truth_if_any(), evaluation=present(layout.evaluation),
+        rounds=present(layout.rounds), truth=truth or layout.truth_if_any(), evaluation=present(layout.evaluation),
         lineage=present(layout.lineage), params=params_path if params_path and params_path.exists() else None,
         baselines=None)
     paths = write_report(sources, layout.reports, title=title)

@@ -97,8 +97,10 @@ def evaluate(root: str, flat: bool, model_digests: list[str], test_digests: list
 
 
 @_step("report")
-def report(root: str, flat: bool, input_digests: list[str], params_path: str | None, title: str | None = None) -> dict:
-    return steps.run_report(steps.Layout(root, flat), Path(params_path) if params_path else None, title=title)
+def report(root: str, flat: bool, input_digests: list[str], params_path: str | None, title: str | None = None,
+           truth: str | None = None, truth_digest: str | None = None) -> dict:
+    return steps.run_report(steps.Layout(root, flat), Path(params_path) if params_path else None, title=title,
+                            truth=Path(truth) if truth else None)
 
 
 def outputs_intact(result: dict) -> bool:

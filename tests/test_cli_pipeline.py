@@ -65,6 +65,14 @@ def test_sanitize_cli_writes_outputs(project, capsys, mlflow_store):
                  "lineage.json", "report.html"):
         assert (project / "run" / name).exists()
     assert result["profile"] == "tiny"
+    # --truth reaches the report: true poisons are counted and framed in the suspicious grid
+    assert "shown are truly poison" in (project / "run" / "report.html").read_text()
+    # `incompat report` on the run folder (no truth.parquet in it) shows no ground truth unless given --truth
+    assert main(["report", str(project / "run"), "--out", str(project / "plain")]) == 0
+    assert "shown are truly poison" not in (project / "plain" / "report.html").read_text()
+    assert main(["report", str(project / "run"), "--out", str(project / "framed"),
+                 "--truth", str(project / "p" / "truth.parquet")]) == 0
+    assert "shown are truly poison" in (project / "framed" / "report.html").read_text()
 
 
 def test_pipeline_runs_end_to_end(project, capsys, monkeypatch, mlflow_store):

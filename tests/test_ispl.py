@@ -65,6 +65,38 @@ def test_an_easy_class_is_not_removed_whole():
     assert removed_per_class.max() <= 6, removed_per_class.tolist()
 
 
+def _probs(rows: list[tuple[int, int, float, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(label, predicted, p(label), count) groups -> labels and 3-class probability rows."""
+    labels, probs = [], []
+    for label, predicted, p_label, count in rows:
+        row = np.zeros(3)
+        row[label] = p_label
+        row[predicted] += 1.0 - p_label
+        labels += [label] * count
+        probs += [row] * count
+    return np.array(labels), np.array(probs)
+
+
+def test_review_order_puts_a_relabelled_group_before_natural_confusions():
+    # Class 2 (the target) has 40 hard images that look like class 1, confused both ways (40 class-1 images look
+    # like class 2), and 10 poisons: class-0 images relabelled 2, a cell with no transposed counterpart. By
+    # contradiction alone the hard images come first (p(label) 0.05 < 0.2).
+    labels, probs = _probs([(2, 1, 0.05, 40), (1, 2, 0.05, 40), (2, 0, 0.2, 10),
+                            (0, 0, 0.9, 50), (1, 1, 0.9, 50), (2, 2, 0.9, 50)])
+    poison = np.zeros(len(labels), dtype=bool)
+    poison[80:90] = True
+    keep = probs[np.arange(len(labels)), labels] > 0.5
+    agreement, correct = keep.astype(float), keep.astype(float)
+    score = ispl.review_order(keep, labels, 3, probs, agreement, correct)
+    target = np.flatnonzero(labels == 2)
+    top = target[np.argsort(-score[target], kind="stable")][:10]
+    assert poison[top].all()
+    assert score[~keep].min() >= 0.5 >= score[keep].max()
+    enrichment = ispl.cell_enrichment(probs, labels, 3)
+    assert enrichment[poison].min() == 1.0 and enrichment[labels == 1].max() == 1.0  # each row's own top cell
+    assert enrichment[:40].max() == pytest.approx(1 / 11)  # (2,1): 41/41, against (2,0): 11/1
+
+
 def test_vote_is_plurality_with_seeded_tie_break():
     preds = np.array([[0, 1, 2, 0], [0, 1, 1, 1], [2, 2, 1, 2]])
     winner, count = vote(preds, 3, np.random.default_rng(0))
