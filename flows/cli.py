@@ -211,8 +211,12 @@ def cmd_report(args) -> int:
         sources.truth = Path(args.truth)
     out = Path(args.out) if args.out else Path(args.run_dir)
     paths = write_report(sources, out, top_k=args.top_k)
-    _print_result(args, {"html": str(paths["html"]), "figures": [str(p) for p in paths.get("figures", [])]},
-                  [f"report: {paths['html']}"])
+    lines = [f"report: {paths['html']}"]
+    if sources.truth is not None:
+        lines = [f"{name}: {c['poison_shown']} of the {c['shown']} most suspicious are truly poison"
+                 for name, c in paths["suspicious"].items() if c["poison_shown"]] + lines
+    _print_result(args, {"html": str(paths["html"]), "figures": [str(p) for p in paths.get("figures", [])],
+                         "suspicious": paths["suspicious"]}, lines)
     return EXIT_OK
 
 

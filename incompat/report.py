@@ -864,8 +864,9 @@ def write_report(sources: ReportSources, out_dir: str | os.PathLike, *, top_k: i
                  title: str | None = None) -> dict[str, Path | list[Path]]:
     """Write out_dir/report.html and out_dir/figures/*.png (each atomically).
 
-    Returns {"html": path, "figures": [paths of the PNG figures written]}. Raises ReportError when the dataset or
-    the scores are missing or unreadable (the message names the file)."""
+    Returns {"html": path, "figures": [paths of the PNG figures written], "suspicious": {class name: {"shown": n,
+    "poison_shown": k or None without ground truth}}} (the grid's counts, in page order). Raises ReportError when
+    the dataset or the scores are missing or unreadable (the message names the file)."""
     if top_k < 1:
         raise ReportError(f"top_k must be at least 1, got {top_k}")
     out_dir = Path(out_dir)
@@ -929,4 +930,7 @@ def write_report(sources: ReportSources, out_dir: str | os.PathLike, *, top_k: i
     html_path = out_dir / "report.html"
     with atomic_output(html_path) as tmp:  # last: a complete report.html means its figures are there too
         Path(tmp).write_text(document, encoding="utf-8")
-    return {"html": html_path, "figures": written}
+    shown = {run.dataset.class_names[cls]: {
+        "shown": int(len(top)), "poison_shown": None if run.poison is None else int(run.poison[top].sum())}
+        for cls, top in picked}
+    return {"html": html_path, "figures": written, "suspicious": shown}

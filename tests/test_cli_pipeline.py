@@ -70,9 +70,14 @@ def test_sanitize_cli_writes_outputs(project, capsys, mlflow_store):
     # `incompat report` on the run folder (no truth.parquet in it) shows no ground truth unless given --truth
     assert main(["report", str(project / "run"), "--out", str(project / "plain")]) == 0
     assert "shown are truly poison" not in (project / "plain" / "report.html").read_text()
+    capsys.readouterr()
     assert main(["report", str(project / "run"), "--out", str(project / "framed"),
-                 "--truth", str(project / "p" / "truth.parquet")]) == 0
-    assert "shown are truly poison" in (project / "framed" / "report.html").read_text()
+                 "--truth", str(project / "p" / "truth.parquet"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["suspicious"]
+    html = (project / "framed" / "report.html").read_text()
+    assert "shown are truly poison" in html
+    # the JSON counts are the page's: one framed tile per poison shown
+    assert sum(c["poison_shown"] for c in shown.values()) == html.count('data-poison="1"') > 0
 
 
 def test_pipeline_runs_end_to_end(project, capsys, monkeypatch, mlflow_store):
