@@ -513,7 +513,7 @@ def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_prob
 
 
 def cell_enrichment(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per sample, in (0, 1]: the ratio C[label, other] / C[other, label] of its cell, divided by the largest
+    """Per sample, in [0, 1]: the ratio C[label, other] / C[other, label] of its cell, divided by the largest
     ratio in its label's row. `other` is the sample's most probable class besides its label; C counts the samples
     whose most probable class is not their label, by (label, predicted), with +1 smoothing."""
     n = len(labels)

@@ -861,7 +861,7 @@ _NAV_TITLES = {"summary": "Summary", "per-class": "Per class", "notes": "Things 
 
 
 def write_report(sources: ReportSources, out_dir: str | os.PathLike, *, top_k: int = 16,
-                 title: str | None = None) -> dict[str, Path | list[Path]]:
+                 title: str | None = None) -> dict[str, Any]:
     """Write out_dir/report.html and out_dir/figures/*.png (each atomically).
 
     Returns {"html": path, "figures": [paths of the PNG figures written], "suspicious": {class name: {"shown": n,
