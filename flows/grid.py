@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, task
@@ -192,4 +193,33 @@ def run_grid(workers: int = 1, dask_address: str | None = None, memory_limit: st
     """The grid flow on the chosen task runner (threads per scenario: the machine's cores shared out)."""
     if kwargs.get("threads_per_scenario") is None and (workers > 1 and not dask_address):
         kwargs["threads_per_scenario"] = max(1, (os.cpu_count() or 1) // workers)
-    return grid.with_options(task_runner=task_runner(workers, dask_address, memory_limit))(**kwargs)
+    flow_ = grid.with_options(task_runner=task_runner(workers, dask_address, memory_limit))
+    local_dask = (workers > 1 and not dask_address) or (dask_address and _is_loopback(dask_address))
+    with _one_api_for_local_workers(bool(local_dask)):
+        return flow_(**kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"tcp://{address}").hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@contextmanager
+def _one_api_for_local_workers(local: bool):
+    """Dask workers on this machine report to this process's temporary Prefect server. Without an API URL each
+    worker process starts a temporary server of its own (task runs take the flow's settings with them, and those
+    name none): one more server per worker, and an orphaned one, left running, for every worker killed mid-grid.
+    Remote workers cannot reach 127.0.0.1: they need PREFECT_API_URL, as the README says."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not local or PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process-wide instance the flow's own client would start anyway
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield

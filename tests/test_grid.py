@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -72,6 +73,8 @@ def test_a_killed_worker_only_costs_its_scenario(project):
 
     from flows.grid import run_grid
 
+    servers_before = {p.pid for p in psutil.process_iter(["cmdline"])
+                      if "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or [])}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       memory_limit="2GiB") as cluster, Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
@@ -93,6 +96,11 @@ def test_a_killed_worker_only_costs_its_scenario(project):
     assert killed, "no worker was killed: the grid finished before any scenario started?"
     rows = _table(result["csv"])
     assert len(rows) == len(SCENARIOS) and all(row["poison_total"] for row in rows)
+    # the workers used this process's Prefect server: the killed one left no server of its own running
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if p.pid not in servers_before
+               and "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or [])
+               and p.pid not in {c.pid for c in psutil.Process().children(recursive=True)}]
+    assert not orphans, f"Prefect servers left running by the grid's workers: {orphans}"
 
 
 def test_two_grids_at_once_share_one_mlflow_store(project, mlflow_store):
