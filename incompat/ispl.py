@@ -156,7 +156,7 @@ class DefenseResult:
     learners: list[LearnerRecord]
     refinement_rounds: list[dict]
     meter: ComputeMeter
-    wall_seconds: float
+    wall_seconds: float  # including the time of the work reused from checkpoints of an interrupted run
     model: torch.nn.Module | None = None
 
     @property
@@ -381,6 +381,12 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     ckpt = Checkpoint(checkpoint_dir, learner_fingerprint(cfg, fingerprint),
                       json.dumps(cfg.to_dict(), sort_keys=True, default=str))
     meter = ckpt.load_meter() or ComputeMeter()
+    clock = {"before": meter.seconds, "start": start}  # seconds of reused checkpointed work; this run's start
+
+    def stamp() -> ComputeMeter:
+        meter.seconds = clock["before"] + time.monotonic() - clock["start"]
+        return meter
+
     learners: list[LearnerRecord] = []
     per_learner = cfg.data_fraction / cfg.boost
     bar = _progress(progress, total=cfg.bags * cfg.boost, desc="weak learners")
@@ -401,7 +407,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 rec = LearnerRecord(bag, index, core_set, probabilities.argmax(1).astype(np.int64),
                                     probabilities.astype(np.float16), rounds, retries)
                 ckpt.save_learner(rec)
-                ckpt.save_meter(meter)
+                ckpt.save_meter(stamp())
             learners.append(rec)
             if observe:
                 observe("learner", {"bag": bag, "index": index, "core_size": int(rec.core_set.sum()),
@@ -440,6 +446,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         probs = state["probs"].numpy() if "probs" in state else None
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
+        clock.update(before=meter.seconds, start=time.monotonic())  # its time covers all work up to that round
         trusted = _trusted(cfg, keep, correct)
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
@@ -481,7 +488,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         history.append(info)
         if observe:
             observe("refinement", {**info, "kept_indices": np.flatnonzero(keep)})
-        ckpt.save_refinement(it, models, correct, keep, history, meter, probs)
+        ckpt.save_refinement(it, models, correct, keep, history, stamp(), probs)
         bar.update(1)
     bar.close()
     model = models[0]
@@ -490,7 +497,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     mean_probs = np.mean([rec.probabilities.astype(np.float64) for rec in learners], axis=0)
     suspicion = review_order(keep, labels, n_classes, mean_probs, vote_agreement, correct)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
-                         time.monotonic() - start, model)
+                         stamp().seconds, model)
 
 
 def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_probs: np.ndarray,

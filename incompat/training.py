@@ -257,6 +257,9 @@ class ComputeMeter:
 
     train_samples: int = 0
     infer_samples: int = 0
+    # Wall time of the work counted here, where the owner records it (run_defense does, so that a run resumed
+    # from checkpoints reports the time of the interrupted runs' reused work too, not just its own).
+    seconds: float = 0.0
 
     def add_train(self, n: int) -> None:
         with _METER_LOCK:

@@ -2,6 +2,7 @@
 run resumes to the identical mask, diverging training is retried, and the helpers do what the paper's code does."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +151,7 @@ def test_resume_after_interruption_gives_identical_mask(planted, tmp_path):
         run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
                     observe=stop_after_second_learner)
     assert len(list((tmp_path / "b").glob("learner-*.npz"))) == 2
+    spent_before = json.loads((tmp_path / "b" / "meter.json").read_text())["seconds"]
     trained = []
     original_weak_learner = ispl.weak_learner
 
@@ -159,13 +161,19 @@ def test_resume_after_interruption_gives_identical_mask(planted, tmp_path):
 
     ispl.weak_learner = counting
     try:
+        resumed_at = time.monotonic()
         resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b")
+        own = time.monotonic() - resumed_at
     finally:
         ispl.weak_learner = original_weak_learner
     assert trained == ["bag0-learner2"]  # only the unfinished learner was trained again
     assert np.array_equal(resumed.keep_mask, full.keep_mask)
     assert np.allclose(resumed.suspicion, full.suspicion)
     assert resumed.meter.train_samples == full.meter.train_samples
+    # the wall time counts the interrupted run's two reused learners, not only the one trained again
+    # `own`: this run's time measured from outside, a little more than inside
+    tolerance = min(0.5, spent_before / 2)
+    assert spent_before > 0 and own - tolerance <= resumed.wall_seconds - spent_before <= own
 
 
 def test_checkpoints_of_other_parameters_are_not_reused(planted, tmp_path):
