@@ -1,0 +1,68 @@
+"""How far the weak learners of a finished sanitize run can separate poisons from clean images.
+
+Reads a run folder written by `incompat sanitize ... --truth truth.parquet` (its checkpoints/ hold every learner's
+core set and probabilities) and ranks all samples by three scores: the held-out p(label) (only learners whose core
+set does not hold the sample), the mean p(label) over all learners, and the review score (`review_order`'s score
+for removed samples, applied to every sample). Prints the poison recall when the top of each ranking is removed
+until 1%, 5% and 10% of the clean images are gone. No decision rule that thresholds one of these scores does
+better than its line.
+
+  .venv/bin/python bench/research_ceiling.py runs/s1 --truth data/poisoned/truth.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incompat.data import read_dataset  # noqa: E402
+from incompat.ispl import LearnerRecord, cell_enrichment, held_out_probabilities  # noqa: E402
+from incompat.sanitize import read_truth  # noqa: E402
+
+
+def recall_at(score: np.ndarray, poison: np.ndarray, clean_fractions=(0.01, 0.05, 0.10)) -> list[float]:
+    order = np.argsort(-score, kind="stable")
+    clean_gone = np.cumsum(~poison[order]) / max(1, int((~poison).sum()))
+    caught = np.cumsum(poison[order]) / max(1, int(poison.sum()))
+    return [float(caught[min(len(caught) - 1, np.searchsorted(clean_gone, f))]) for f in clean_fractions]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--truth", type=Path, required=True)
+    args = ap.parse_args()
+    dataset = read_dataset(args.run_dir / "dataset.parquet")
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    poison = read_truth(args.truth, dataset)
+    learners = []
+    for path in sorted((args.run_dir / "checkpoints").glob("learner-*.npz")):
+        with np.load(path, allow_pickle=False) as arrays:
+            learners.append(LearnerRecord(0, len(learners), arrays["core_set"], arrays["predictions"],
+                                          arrays["probabilities"], []))
+    if not learners:
+        sys.exit(f"{args.run_dir}/checkpoints: no learner checkpoints")
+    n, k = len(labels), learners[0].probabilities.shape[1]
+    mean_probs = np.mean([rec.probabilities.astype(np.float64) for rec in learners], axis=0)
+    held_out = held_out_probabilities(learners).astype(np.float64)
+    scores = {
+        "held-out p(label)": 1.0 - held_out[np.arange(n), labels],
+        "mean p(label)": 1.0 - mean_probs[np.arange(n), labels],
+        "review score": (1.0 - mean_probs[np.arange(n), labels]) * cell_enrichment(mean_probs, labels, k),
+    }
+    print(f"# {args.run_dir}: {n} samples, {int(poison.sum())} poisons, {len(learners)} learners")
+    print(f"{'ranking':20} {'recall @1% clean':>17} {'@5%':>7} {'@10%':>7}")
+    for name, score in scores.items():
+        r1, r5, r10 = recall_at(score, poison)
+        print(f"{name:20} {r1:17.1%} {r5:7.1%} {r10:7.1%}")
+
+
+if __name__ == "__main__":
+    main()
