@@ -2,8 +2,8 @@
 
 Reads a run folder written by `incompat sanitize ... --truth truth.parquet` (its checkpoints/ hold every learner's
 core set and probabilities) and ranks all samples by three scores: the held-out p(label) (only learners whose core
-set does not hold the sample), the mean p(label) over all learners, and the review score (`review_order`'s score
-for removed samples, applied to every sample). Prints the poison recall when the top of each ranking is removed
+set does not hold the sample), the mean p(label) over all learners, and the review score (`attack_score`, the
+score `review_order` gives removed samples, applied to every sample). Prints the poison recall when the top of each ranking is removed
 until 1%, 5% and 10% of the clean images are gone. No decision rule that thresholds one of these scores does
 better than its line.
 
@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from incompat.data import read_dataset  # noqa: E402
-from incompat.ispl import LearnerRecord, cell_enrichment, held_out_probabilities  # noqa: E402
+from incompat.ispl import LearnerRecord, attack_score, held_out_probabilities  # noqa: E402
 from incompat.sanitize import read_truth  # noqa: E402
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     scores = {
         "held-out p(label)": 1.0 - held_out[np.arange(n), labels],
         "mean p(label)": 1.0 - mean_probs[np.arange(n), labels],
-        "review score": (1.0 - mean_probs[np.arange(n), labels]) * cell_enrichment(mean_probs, labels, k),
+        "review score": attack_score(mean_probs, labels, k),
     }
     print(f"# {args.run_dir}: {n} samples, {int(poison.sum())} poisons, {len(learners)} learners")
     print(f"{'ranking':20} {'recall @1% clean':>17} {'@5%':>7} {'@10%':>7}")

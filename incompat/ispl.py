@@ -381,10 +381,10 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     ckpt = Checkpoint(checkpoint_dir, learner_fingerprint(cfg, fingerprint),
                       json.dumps(cfg.to_dict(), sort_keys=True, default=str))
     meter = ckpt.load_meter() or ComputeMeter()
-    clock = {"before": meter.seconds, "start": start}  # seconds of reused checkpointed work; this run's start
+    spent_before = meter.seconds  # wall time of the checkpointed work this run reuses
 
     def stamp() -> ComputeMeter:
-        meter.seconds = clock["before"] + time.monotonic() - clock["start"]
+        meter.seconds = spent_before + time.monotonic() - start
         return meter
 
     learners: list[LearnerRecord] = []
@@ -446,7 +446,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         probs = state["probs"].numpy() if "probs" in state else None
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
-        clock.update(before=meter.seconds, start=time.monotonic())  # its time covers all work up to that round
+        spent_before, start = meter.seconds, time.monotonic()  # its time covers all work up to that round
         trusted = _trusted(cfg, keep, correct)
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
@@ -511,12 +511,16 @@ def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_prob
     natural confusions run both ways; by contradiction alone the poisons drown among the hard images of the
     target class (measured on full CIFAR-10, 3->7 pattern 10%: 2 of the target class's 16 most suspicious were
     poisons; with the enrichment, 13)."""
-    n = len(labels)
-    label_probability = mean_probs[np.arange(n), labels]
+    label_probability = mean_probs[np.arange(len(labels)), labels]
     kept_score = 1.0 - (vote_agreement + correct + label_probability) / 3.0
-    enrichment = cell_enrichment(mean_probs, labels, n_classes)
-    removed_score = (1.0 - label_probability) * enrichment
-    return np.where(keep, 0.5 * kept_score, 0.5 + 0.5 * removed_score)
+    return np.where(keep, 0.5 * kept_score, 0.5 + 0.5 * attack_score(mean_probs, labels, n_classes))
+
+
+def attack_score(mean_probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """In [0, 1]: (1 - mean p(label)) times the enrichment of the sample's cell; review_order's score for removed
+    samples."""
+    label_probability = mean_probs[np.arange(len(labels)), labels]
+    return (1.0 - label_probability) * cell_enrichment(mean_probs, labels, n_classes)
 
 
 def cell_enrichment(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
