@@ -9,6 +9,7 @@ long run that is stopped keeps what it measured.
   .venv/bin/python bench/bench_defense.py --dataset cifar10 --subset 10000 --scenarios paper:100:2 --methods none,ispl
   .venv/bin/python bench/bench_defense.py --dataset gtsrb --scenarios gtsrb   # 4 GTSRB scenarios
   OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_defense.py --threads 1 ...   # on a shared machine
+  .venv/bin/python bench/bench_defense.py ... --checkpoints bench/results/checkpoints   # resumable defense
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def main() -> None:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--csv", default=str(ROOT / "bench" / "results" / "defense.csv"))
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="keep ISPL+B's checkpoints here (one folder per dataset, scenario and profile): a stopped "
+                         "benchmark resumes its defense, and a rerun with other refinement or vote parameters "
+                         "reuses the weak learners; the folder also gets each scenario's keep-mask and scores")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for every training and inference (1 on a shared machine)")
     args = ap.parse_args()
@@ -160,10 +165,17 @@ def main() -> None:
                 ev, secs = retrain(np.flatnonzero(~poison_mask))
                 record("oracle", poison_mask, ev, secs)
             if "ispl" in methods:
-                t0 = time.monotonic()
+                ckdir, digest = None, ""
+                if args.checkpoints:
+                    ckdir = (args.checkpoints / f"{args.dataset}-{args.subset or 'full'}" / scenario.name
+                             / args.profile)
+                    digest = train.dataset_digest()  # learners of other data in that folder are discarded
                 result = run_defense(train.images, train.labels, train.n_classes, params.defense,
-                                     progress=args.progress)
-                defense_seconds = time.monotonic() - t0
+                                     checkpoint_dir=ckdir, progress=args.progress, fingerprint=digest)
+                defense_seconds = result.wall_seconds  # includes the time of any checkpointed work it reused
+                if ckdir is not None:
+                    np.savez(ckdir / "result.npz", keep=result.keep_mask, suspicion=result.suspicion,
+                             correct=result.refinement_correct, poison=poison_mask, labels=train.labels)
                 ev, secs = retrain(np.flatnonzero(result.keep_mask))
                 record("ispl", ~result.keep_mask, ev, secs, defense_seconds,
                        result.meter.epoch_equivalents(len(train)))
