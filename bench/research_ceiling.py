@@ -3,9 +3,9 @@
 Reads a run folder written by `incompat sanitize ... --truth truth.parquet` (its checkpoints/ hold every learner's
 core set and probabilities) and ranks all samples by three scores: the held-out p(label) (only learners whose core
 set does not hold the sample), the mean p(label) over all learners, and the review score (`attack_score`, the
-score `review_order` gives removed samples, applied to every sample). Prints the poison recall when the top of each ranking is removed
-until 1%, 5% and 10% of the clean images are gone. No decision rule that thresholds one of these scores does
-better than its line.
+score `review_order` gives removed samples, applied to every sample). Prints the poison recall when the top of each
+ranking is removed until 1%, 5% and 10% of the clean images are gone. No decision rule that thresholds one of these
+scores does better than its line.
 
   .venv/bin/python bench/research_ceiling.py runs/s1 --truth data/poisoned/truth.parquet
 """

@@ -13,7 +13,7 @@ Follows Jin, Sun & Rinard (ICLR 2023) and its public code:
   review order  the suspicion score ranks removed samples by how strongly the learners contradict the label,
                 weighted by how over-represented the sample's (label, other class) cell is (see review_order).
 
-Options for small models (all off by default, i.e. the paper's behaviour; the `cpu` profile turns them on):
+Options for small models (all off by default, i.e. the paper's behaviour; the `cpu_crossfit` profile turns them on):
   held-out vote         (vote_rule="held_out") each sample is judged only by the learners whose core set does not
                         hold it, by their mean softmax probability of its label; kept where >= vote_threshold.
   cross-fitted refinement (refinement_folds >= 2) every sample gets a seeded fold; fold model f trains on the
