@@ -1,0 +1,93 @@
+"""ISPL+B against the baselines at the same clean-removal budget, from the masks bench_defense.py saved.
+
+`bench_defense.py --checkpoints DIR --methods none,ispl,spectral,ac` leaves, per scenario, ISPL+B's keep-mask and
+suspicion score (`<profile>/result.npz`) and the baselines' removal masks (`baselines.npz`). The issue's target is
+"ahead of both baselines on poison recall at no more clean removed"; the masks alone compare at different clean
+budgets, so this also ranks every sample by ISPL+B's suspicion score and cuts the ranking where it has removed as
+many clean images as the baseline did: that recall is what ISPL+B's scores can do at the baseline's budget.
+
+  .venv/bin/python bench/compare_detection.py bench/results/checkpoints/cifar10-full --profile cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from research_ceiling import recall_at  # noqa: E402
+
+BASELINES = ("spectral", "ac")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path, help="a checkpoint folder of one dataset, e.g. .../cifar10-full")
+    ap.add_argument("--profile", default="cpu")
+    args = ap.parse_args()
+    rows = []
+    for scenario_dir in sorted(p for p in args.root.iterdir() if p.is_dir()):
+        result_path, base_path = scenario_dir / args.profile / "result.npz", scenario_dir / "baselines.npz"
+        if not (result_path.exists() and base_path.exists()):
+            continue
+        with np.load(result_path) as res, np.load(base_path) as base:
+            poison = res["poison"]
+            if not np.array_equal(poison, base["poison"]):
+                sys.exit(f"{scenario_dir}: ISPL+B and the baselines saw different poisonings")
+            row = {"scenario": scenario_dir.name, "poisons": int(poison.sum()),
+                   "ispl": figures(~res["keep"], poison)}
+            for method in BASELINES:
+                key = f"removed_{method}"
+                if key in base:
+                    removed = base[key]
+                    recall, clean = figures(removed, poison)
+                    ranked = recall_at(res["suspicion"], poison, (clean,))[0]
+                    row[method] = (recall, clean, ranked)
+        rows.append(row)
+    if not rows:
+        sys.exit(f"no scenario under {args.root} has both {args.profile}/result.npz and baselines.npz")
+    head = f"{'scenario':34} {'poisons':>7}  {'ISPL+B':>15}"
+    for method in BASELINES:
+        head += f"  {method:>15} {'ISPL@budget':>11}"
+    print(head + "\n# recall% / clean-removed%; ISPL@budget: ISPL+B's ranking cut at the baseline's clean budget")
+    for row in rows:
+        line = f"{row['scenario']:34} {row['poisons']:>7}  {fmt(row['ispl']):>15}"
+        for method in BASELINES:
+            if method in row:
+                line += f"  {fmt(row[method][:2]):>15} {100 * row[method][2]:10.1f}%"
+        print(line)
+    print(f"\n# medians over {len(rows)} scenarios")
+    print(f"ISPL+B    recall {median(rows, 'ispl', 0):6.1f}%  clean removed {median(rows, 'ispl', 1):5.2f}%")
+    for method in BASELINES:
+        have = [r for r in rows if method in r]
+        if not have:
+            continue
+        ahead = sum(r["ispl"][0] >= r[method][0] and r["ispl"][1] <= r[method][1] for r in have)
+        ahead_ranked = sum(r[method][2] >= r[method][0] for r in have)
+        print(f"{method:9} recall {median(have, method, 0):6.1f}%  clean removed {median(have, method, 1):5.2f}%  "
+              f"ISPL+B's mask at least its recall at no more clean: {ahead}/{len(have)}; "
+              f"ISPL+B's ranking at its clean budget: {ahead_ranked}/{len(have)}, "
+              f"median recall {median(have, method, 2):5.1f}%")
+
+
+def figures(removed: np.ndarray, poison: np.ndarray) -> tuple[float, float]:
+    """(poison recall, fraction of clean removed)."""
+    return (float(removed[poison].mean()) if poison.any() else float("nan"),
+            float(removed[~poison].mean()))
+
+
+def fmt(pair) -> str:
+    return f"{100 * pair[0]:5.1f} / {100 * pair[1]:5.2f}"
+
+
+def median(rows: list[dict], key: str, index: int) -> float:
+    return 100 * float(np.median([r[key][index] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
