@@ -116,7 +116,7 @@ def main() -> None:
     methods = args.methods.split(",")
     csv_path = Path(args.csv)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not csv_path.exists()
+    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
     if not new_file:
         with open(csv_path) as existing:
             header = existing.readline().strip().split(",")
@@ -132,6 +132,7 @@ def main() -> None:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
+            fh.flush()  # the first row comes only after a training: a second run must not find an empty file
         for scenario in scenario_list(args.scenarios):
             train, poison_mask = poison(train_base, scenario)
             test_trig = triggered_test(test, scenario)
