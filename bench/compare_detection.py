@@ -71,7 +71,7 @@ def main() -> None:
         ahead_ranked = sum(r[method][2] >= r[method][0] for r in have)
         print(f"{method:9} recall {median(have, method, 0):6.1f}%  clean removed {median(have, method, 1):5.2f}%  "
               f"ISPL+B's mask at least its recall at no more clean: {ahead}/{len(have)}; "
-              f"ISPL+B's ranking at its clean budget: {ahead_ranked}/{len(have)}, "
+              f"ISPL+B's ranking at its clean budget at least its recall: {ahead_ranked}/{len(have)}, "
               f"median recall {median(have, method, 2):5.1f}%")
 
 
