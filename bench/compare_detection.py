@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from incompat.metrics import detection_confusion  # noqa: E402
 from research_ceiling import recall_at  # noqa: E402
 
 BASELINES = ("spectral", "ac")
@@ -77,8 +79,8 @@ def main() -> None:
 
 def figures(removed: np.ndarray, poison: np.ndarray) -> tuple[float, float]:
     """(poison recall, fraction of clean removed)."""
-    return (float(removed[poison].mean()) if poison.any() else float("nan"),
-            float(removed[~poison].mean()))
+    conf = detection_confusion(removed, poison)
+    return conf["recall"], conf["clean_removed_fraction"]
 
 
 def fmt(pair) -> str:

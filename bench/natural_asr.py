@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_defense import load_split, scenario_list  # noqa: E402
 from incompat.attacks import triggered_test  # noqa: E402
 from incompat.config import load_params  # noqa: E402
-from incompat.evaluation import evaluate, train_and_evaluate  # noqa: E402
+from incompat.evaluation import evaluate  # noqa: E402
 from incompat.readers import subsample_stratified  # noqa: E402
-from incompat.training import TensorData  # noqa: E402
+from incompat.training import TensorData, fit  # noqa: E402
 
 FIELDS = ["dataset", "scenario", "source", "target", "clean_accuracy", "natural_asr", "natural_tmr"]
 
@@ -55,15 +55,17 @@ def main() -> None:
     train, test = load_split(args.dataset, "train", cache), load_split(args.dataset, "test", cache)
     if args.subset:
         train = subsample_stratified(train, args.subset, seed=0)
+    # One TensorData for the training and every evaluation: the test sets reuse its normalisation statistics
+    # (train_and_evaluate's steps, kept apart so that one trained model serves every scenario).
+    train_data = TensorData(train.images, train.labels, num_classes=train.n_classes)
     t0 = time.monotonic()
-    clean = train_and_evaluate(train, test, train_cfg)
+    model = fit(train_data, train_cfg, progress=False)
+    clean = evaluate(model, train_data, test, None, None, len(train))
     print(f"# clean model: {len(train)} images, {train_cfg.epochs} epochs, {time.monotonic() - t0:.0f} s, "
           f"test accuracy {100 * clean.clean_accuracy:.2f}%", flush=True)
-    # The normalisation statistics of the training images, as train_and_evaluate used them.
-    train_data = TensorData(train.images, train.labels, num_classes=train.n_classes)
     rows = []
     for scenario in scenario_list(args.scenarios):
-        ev = evaluate(clean.model, train_data, test, triggered_test(test, scenario), scenario.target, len(train))
+        ev = evaluate(model, train_data, test, triggered_test(test, scenario), scenario.target, len(train))
         rows.append({"dataset": args.dataset, "scenario": scenario.name, "source": scenario.source,
                      "target": scenario.target, "clean_accuracy": round(100 * ev.clean_accuracy, 2),
                      "natural_asr": round(100 * ev.attack_success_rate, 2),
