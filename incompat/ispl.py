@@ -21,6 +21,17 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         that trained on the sample (no memorisation needed to keep a hard clean image). The EMA
                         is then of the judged probability vector; kept where p(label) >= refinement_threshold;
                         the next round trains on kept samples with p(label) >= refinement_train_threshold.
+  outside judging       (refinement_judge="outside") one refinement model trains on the trusted samples (the
+                        vote's keep at first) and judges only the samples outside them; a judged sample with
+                        p(label) >= refinement_train_threshold joins the trusted set for the next round, and the
+                        final keep is the trusted set plus the judged samples kept by the cross-fit rule
+                        (p(label) >= refinement_threshold, the anomalous-cell test). A sample's latest verdict
+                        replaces its earlier ones (no EMA: refinement_decay is unused). The paper's refinement
+                        judges the kept samples too, after 100 epochs that fit them; after a few epochs they are
+                        not fitted yet, so judging them in-sample removes clean images the model merely has not
+                        learned (measured on six full CIFAR-10 scenarios, same learners and cost: 42-44% of the
+                        clean images removed, against 14-15% when only the outside is judged; median poison
+                        recall 90% against 72%).
   anomalous cells       (anomaly_ratio > 0) a (label, predicted class) cell among the low-scoring samples
                         (p(label) < anomaly_threshold) that holds anomaly_ratio times more samples than a
                         quasi-symmetric confusion model expects from its transposed cell, significantly
@@ -56,6 +67,7 @@ class DefenseError(RuntimeError):
 
 
 VOTE_RULES = ("plurality", "held_out")
+REFINEMENT_JUDGES = ("all", "outside")
 
 
 @dataclass
@@ -88,6 +100,7 @@ class DefenseConfig:
     vote_threshold: float = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
     refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
     refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
+    refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
     anomaly_ratio: float = 0.0  # 0: off; else the (label, predicted) cell test described above
     anomaly_threshold: float = 0.5
     anomaly_z: float = 5.0
@@ -129,6 +142,16 @@ class DefenseConfig:
             raise ValueError(f"defense.vote_rule must be one of {VOTE_RULES}, got {self.vote_rule!r}")
         if not isinstance(self.refinement_folds, int) or self.refinement_folds < 1:
             raise ValueError("defense.refinement_folds must be an integer >= 1")
+        if self.refinement_judge not in REFINEMENT_JUDGES:
+            raise ValueError(f"defense.refinement_judge must be one of {REFINEMENT_JUDGES}, "
+                             f"got {self.refinement_judge!r}")
+        if self.refinement_judge == "outside":
+            if self.refinement_folds != 1:
+                raise ValueError("defense.refinement_judge 'outside' judges with one model: refinement_folds must be 1")
+            if self.refinement_train_threshold is None or not (
+                    0 < self.refinement_threshold <= self.refinement_train_threshold <= 1):
+                raise ValueError("defense.refinement_judge 'outside' needs 0 < refinement_threshold <= "
+                                 "refinement_train_threshold <= 1 (a sample trained on must also be kept)")
         if self.anomaly_ratio < 0:
             raise ValueError("defense.anomaly_ratio must be >= 0 (0 turns the cell test off)")
 
@@ -205,7 +228,7 @@ def vote(predictions: np.ndarray, n_classes: int, rng: np.random.Generator) -> t
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
-                  "refinement_train_threshold", "anomaly_ratio", "anomaly_threshold", "anomaly_z")
+                  "refinement_train_threshold", "refinement_judge", "anomaly_ratio", "anomaly_threshold", "anomaly_z")
 
 
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
@@ -452,7 +475,22 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
     for it in range(first_round, cfg.refinement_rounds):
-        if folds == 1:
+        if cfg.refinement_judge == "outside":
+            if probs is None:  # the vote's keep is trusted as it stands: p(label) = 1, never judged
+                probs = np.eye(n_classes, dtype=np.float32)[labels]
+                correct = trusted.astype(np.float64)
+            train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
+                                            seed=derive_seed(cfg.seed, 3, it))
+            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(trusted), cfg, meter,
+                                             f"refinement round {it}", model=models[0])
+            judged = np.flatnonzero(~trusted)
+            if len(judged):
+                # The latest verdict replaces the earlier ones: each round's model has trained longer, on more.
+                probs[judged] = torch.softmax(predict_logits(models[0], data, judged, meter=meter), dim=1).numpy()
+                correct[judged] = probs[judged, labels[judged]]
+            keep = cross_fit_keep(probs, labels, n_classes, cfg)
+            trusted = _trusted(cfg, keep, correct)
+        elif folds == 1:
             train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
                                             seed=derive_seed(cfg.seed, 3, it))
             models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter,
@@ -495,13 +533,14 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     if correct is None:  # no refinement rounds: the vote decides
         correct = keep.astype(float)
     mean_probs = np.mean([rec.probabilities.astype(np.float64) for rec in learners], axis=0)
-    suspicion = review_order(keep, labels, n_classes, mean_probs, vote_agreement, correct)
+    suspicion = review_order(keep, labels, n_classes, mean_probs, vote_agreement, correct,
+                             judged=cfg.refinement_judge == "outside" and probs is not None)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
                          stamp().seconds, model)
 
 
 def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_probs: np.ndarray,
-                 vote_agreement: np.ndarray, correct: np.ndarray) -> np.ndarray:
+                 vote_agreement: np.ndarray, correct: np.ndarray, judged: bool = False) -> np.ndarray:
     """The suspicion score: removed samples in [0.5, 1], kept ones in [0, 0.5], so that review goes in this order.
 
     Kept: how little the learners and the refinement agree with the label (mean of agreement, refinement score
@@ -510,10 +549,17 @@ def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_prob
     of one class's images as another, so one (target, source) cell fills far beyond its transposed cell, while
     natural confusions run both ways; by contradiction alone the poisons drown among the hard images of the
     target class (measured on full CIFAR-10, 3->7 pattern 10%: 2 of the target class's 16 most suspicious were
-    poisons; with the enrichment, 13)."""
+    poisons; with the enrichment, 13).
+
+    `judged` (outside judging): `correct` is then the refinement's verdict p(label), from a model that never
+    trained on the sample, and removed samples are ranked by 1 - that alone. On six full CIFAR-10 grid scenarios
+    it catches more poisons than the learners' score at every clean budget from 1% to 15% (at 15%: median 72%
+    against 56%; 7->4 pixel 5%: 57% against 3%); the cell enrichment on top of it capped three of the six at
+    3-75%, where the judge alone reaches 57-99%."""
     label_probability = mean_probs[np.arange(len(labels)), labels]
     kept_score = 1.0 - (vote_agreement + correct + label_probability) / 3.0
-    return np.where(keep, 0.5 * kept_score, 0.5 + 0.5 * attack_score(mean_probs, labels, n_classes))
+    removed_score = (1.0 - np.clip(correct, 0.0, 1.0)) if judged else attack_score(mean_probs, labels, n_classes)
+    return np.where(keep, 0.5 * kept_score, 0.5 + 0.5 * removed_score)
 
 
 def attack_score(mean_probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:

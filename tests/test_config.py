@@ -14,9 +14,11 @@ def test_repo_params_load_with_the_cpu_profile():
     assert params.profile == "cpu"
     assert params.defense.bags == 1
     assert params.defense.learner_train.model == "small_cnn"
+    assert params.defense.refinement_judge == "outside"
     paper = load_params("params.yaml", profile="paper")
     assert (paper.defense.bags, paper.defense.boost, paper.defense.beta) == (3, 8, 4.0)
     assert paper.defense.refinement_rounds == 20 and paper.defense.learner_train.model == "resnet32"
+    assert paper.defense.refinement_judge == "all"
     crossfit = load_params("params.yaml", profile="cpu_crossfit")
     assert (crossfit.defense.vote_rule, crossfit.defense.refinement_folds, crossfit.defense.boost) == ("held_out", 2, 1)
     assert crossfit.defense.learner_train.model == "small_cnn"

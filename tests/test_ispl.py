@@ -277,7 +277,13 @@ def test_paper_defaults_leave_the_options_off():
     assert cfg.refinement_train_threshold is None
 
 
-@pytest.mark.parametrize("bad", [{"vote_rule": "majority"}, {"refinement_folds": 0}, {"anomaly_ratio": -1}])
+@pytest.mark.parametrize("bad", [{"vote_rule": "majority"}, {"refinement_folds": 0}, {"anomaly_ratio": -1},
+                                 {"refinement_judge": "kept"},
+                                 {"refinement_judge": "outside", "refinement_train_threshold": 0.5,
+                                  "refinement_folds": 2},
+                                 {"refinement_judge": "outside"},  # no threshold to join the trusted set
+                                 {"refinement_judge": "outside", "refinement_train_threshold": 0.1,
+                                  "refinement_threshold": 0.3}])  # kept would not cover trained-on
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError):
         DefenseConfig.from_dict(bad)
@@ -414,3 +420,82 @@ def test_suspicion_orders_removed_above_kept_and_is_fine_grained(planted):
     # continuous: far more distinct values than the few (agreement, refinement) levels it used to take
     levels = len({(a, c) for a, c in zip(result.vote_agreement, result.refinement_correct)})
     assert len(np.unique(result.suspicion)) > 5 * levels
+
+
+# ------------------------------------------------------------------ outside judging (the cpu profile)
+
+def outside_config(**overrides) -> DefenseConfig:
+    values = dict(boost=2, refinement_judge="outside", refinement_rounds=2, refinement_epochs=4,
+                  refinement_train_threshold=0.5, refinement_threshold=0.1)
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+def test_outside_judge_never_judges_a_sample_it_trained_on(planted, monkeypatch):
+    _, poisoned, _ = planted
+    trained, judged, votes = [], [], []
+    real_fit, real_predict = ispl.fit, ispl.predict_logits
+
+    def recording_fit(data, cfg, indices=None, **kwargs):
+        model = real_fit(data, cfg, indices=indices, **kwargs)
+        model._trained_on = set(np.asarray(indices).tolist()) | getattr(model, "_trained_on", set())
+        return model
+
+    def recording_predict(model, data, indices=None, **kwargs):
+        if indices is not None and hasattr(model, "_trained_on"):
+            judged.append(set(np.asarray(indices).tolist()))
+            trained.append(set(model._trained_on))
+        return real_predict(model, data, indices, **kwargs)
+
+    monkeypatch.setattr(ispl, "fit", recording_fit)
+    monkeypatch.setattr(ispl, "predict_logits", recording_predict)
+    result = run_defense(poisoned.images, poisoned.labels, 4, outside_config(),
+                         observe=lambda kind, info: votes.append(set(info["kept_indices"].tolist()))
+                         if kind == "vote" else None)
+    refinement = [(t, j) for t, j in zip(trained, judged) if len(j) < len(poisoned.labels)]
+    assert len(refinement) == 2
+    for t, j in refinement:
+        assert t and j and not (t & j)
+    # The first model trains on the vote's keep; what it trained on stays kept (trusted only grows).
+    assert refinement[0][0] == votes[0]
+    assert refinement[0][0] <= refinement[1][0]
+    assert set(np.flatnonzero(result.keep_mask).tolist()) >= refinement[1][0]
+
+
+def test_outside_judged_defense_finds_the_trigger(planted):
+    _, poisoned, mask = planted
+    result = run_defense(poisoned.images, poisoned.labels, 4, outside_config())
+    removed = ~result.keep_mask
+    assert removed[mask].mean() >= 0.9, f"only {removed[mask].sum()} of {mask.sum()} poisons removed"
+    assert removed[~mask].mean() <= 0.05, f"{removed[~mask].sum()} clean images removed"
+    # Removed samples were judged unlikely under their label; kept ones either trusted or judged likely enough.
+    assert (result.refinement_correct[removed] < 0.1).all()
+    # Review order: removed samples first, ranked by the verdict of the model that never trained on them.
+    assert result.suspicion[removed].min() > result.suspicion[~removed].max()
+    assert np.allclose(result.suspicion[removed], 0.5 + 0.5 * (1 - result.refinement_correct[removed]))
+    top = np.argsort(-result.suspicion, kind="stable")[:mask.sum()]
+    assert mask[top].mean() >= 0.8
+
+
+def test_outside_judged_refinement_resumes_to_the_identical_mask(planted, tmp_path):
+    _, poisoned, _ = planted
+    cfg = outside_config()
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_round(kind, info):
+        if kind == "refinement" and info["round"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
+                    observe=stop_after_first_round)
+    rounds = []
+    resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
+                          observe=lambda kind, info: rounds.append(info.get("round")) if kind == "refinement"
+                          else None)
+    assert rounds == [1]
+    assert np.array_equal(resumed.keep_mask, full.keep_mask)
+    assert np.allclose(resumed.refinement_correct, full.refinement_correct)
