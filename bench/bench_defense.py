@@ -66,7 +66,11 @@ def scenario_list(spec: str) -> list[Scenario]:
     if spec == "gtsrb":
         return list(GTSRB_SCENARIOS)
     if spec.startswith("gtsrb:"):  # gtsrb:0,1 picks some of the four
-        return [GTSRB_SCENARIOS[int(i)] for i in spec.split(":", 1)[1].split(",")]
+        picked = spec.split(":", 1)[1].split(",")
+        if not all(i.isdigit() and int(i) < len(GTSRB_SCENARIOS) for i in picked):
+            sys.exit(f"--scenarios {spec!r}: gtsrb:I,J,... takes indices 0-{len(GTSRB_SCENARIOS) - 1} of the "
+                     "GTSRB scenarios, e.g. gtsrb:1,3")
+        return [GTSRB_SCENARIOS[int(i)] for i in picked]
     scenarios = []
     for part in spec.split(","):
         if part.startswith("paper:") and "-" in part.split(":")[-1]:
