@@ -175,7 +175,9 @@ class DefenseResult:
     keep_mask: np.ndarray  # bool (N,)
     suspicion: np.ndarray  # float (N,), higher = more suspicious
     vote_agreement: np.ndarray  # fraction of weak learners predicting the sample's label
-    refinement_correct: np.ndarray  # final EMA of "refinement model predicted the label"
+    # The paper's refinement: final EMA of "refinement model predicted the label". Cross-fitted or outside
+    # judging: the judged p(label) (outside: 1 for the vote's keep, which is trusted, never judged).
+    refinement_correct: np.ndarray
     learners: list[LearnerRecord]
     refinement_rounds: list[dict]
     meter: ComputeMeter
