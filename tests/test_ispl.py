@@ -433,12 +433,14 @@ def outside_config(**overrides) -> DefenseConfig:
 
 def test_outside_judge_never_judges_a_sample_it_trained_on(planted, monkeypatch):
     _, poisoned, _ = planted
-    trained, judged, votes = [], [], []
+    trained, judged, votes, fits = [], [], [], []
     real_fit, real_predict = ispl.fit, ispl.predict_logits
 
     def recording_fit(data, cfg, indices=None, **kwargs):
         model = real_fit(data, cfg, indices=indices, **kwargs)
-        model._trained_on = set(np.asarray(indices).tolist()) | getattr(model, "_trained_on", set())
+        fits.append(set(np.asarray(indices).tolist()))
+        # The refinement model is trained on in every round: it has seen everything any of its fits saw.
+        model._trained_on = fits[-1] | getattr(model, "_trained_on", set())
         return model
 
     def recording_predict(model, data, indices=None, **kwargs):
@@ -456,10 +458,12 @@ def test_outside_judge_never_judges_a_sample_it_trained_on(planted, monkeypatch)
     assert len(refinement) == 2
     for t, j in refinement:
         assert t and j and not (t & j)
-    # The first model trains on the vote's keep; what it trained on stays kept (trusted only grows).
-    assert refinement[0][0] == votes[0]
-    assert refinement[0][0] <= refinement[1][0]
-    assert set(np.flatnonzero(result.keep_mask).tolist()) >= refinement[1][0]
+    # Round 0 trains on the vote's keep; each round's training set holds the last one (trusted only grows), and
+    # what the model trained on is kept.
+    first, second = fits[-2:]
+    assert first == votes[0]
+    assert first <= second
+    assert set(np.flatnonzero(result.keep_mask).tolist()) >= second
 
 
 def test_outside_judged_defense_finds_the_trigger(planted):
