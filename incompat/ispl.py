@@ -477,31 +477,30 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
     for it in range(first_round, cfg.refinement_rounds):
-        if cfg.refinement_judge == "outside":
-            if probs is None:  # the vote's keep is trusted as it stands: p(label) = 1, never judged
+        if folds == 1:  # one model: the paper's refinement, or outside judging (validate() allows only this)
+            outside = cfg.refinement_judge == "outside"
+            if outside and probs is None:  # the vote's keep is trusted as it stands: p(label) = 1, never judged
                 probs = np.eye(n_classes, dtype=np.float32)[labels]
                 correct = trusted.astype(np.float64)
             train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
                                             seed=derive_seed(cfg.seed, 3, it))
-            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(trusted), cfg, meter,
-                                             f"refinement round {it}", model=models[0])
-            judged = np.flatnonzero(~trusted)
-            if len(judged):
-                # The latest verdict replaces the earlier ones: each round's model has trained longer, on more.
-                probs[judged] = torch.softmax(predict_logits(models[0], data, judged, meter=meter), dim=1).numpy()
-                correct[judged] = probs[judged, labels[judged]]
-            keep = cross_fit_keep(probs, labels, n_classes, cfg)
-            trusted = _trusted(cfg, keep, correct)
-        elif folds == 1:
-            train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
-                                            seed=derive_seed(cfg.seed, 3, it))
-            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(keep), cfg, meter,
-                                             f"refinement round {it}", model=models[0])
-            preds = predict(models[0], data, meter=meter)
-            if correct is None:
-                correct = np.full(n, 0.5)
-            correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
-            keep = correct > cfg.refinement_threshold
+            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(trusted if outside else keep), cfg,
+                                             meter, f"refinement round {it}", model=models[0])
+            if outside:
+                judged = np.flatnonzero(~trusted)
+                if len(judged):
+                    # The latest verdict replaces the earlier ones: each round's model has trained longer, on more.
+                    probs[judged] = torch.softmax(predict_logits(models[0], data, judged, meter=meter),
+                                                  dim=1).numpy()
+                    correct[judged] = probs[judged, labels[judged]]
+                keep = cross_fit_keep(probs, labels, n_classes, cfg)
+                trusted = _trusted(cfg, keep, correct)
+            else:
+                preds = predict(models[0], data, meter=meter)
+                if correct is None:
+                    correct = np.full(n, 0.5)
+                correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
+                keep = correct > cfg.refinement_threshold
         else:
             judged_probs = np.zeros((n, n_classes), dtype=np.float32)
             for f in range(folds):
