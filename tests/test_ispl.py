@@ -341,24 +341,33 @@ def test_cross_fit_keep_removes_the_anomalous_cell_and_spares_hard_clean():
     assert off[poisons].mean() > 0.5
 
 
-def test_cross_fitted_judges_never_judge_their_own_training_samples(planted, monkeypatch):
-    _, poisoned, _ = planted
-    trained, judged = [], []
+def record_training_and_judging(monkeypatch) -> tuple[list[set], list[set], list[set]]:
+    """Patches ispl's fit and predict_logits. Returns (fits: each fit's own indices; trained: what the judging
+    model had trained on in all its fits so far; judged: the indices it judged), one entry per call."""
+    fits, trained, judged = [], [], []
     real_fit, real_predict = ispl.fit, ispl.predict_logits
 
     def recording_fit(data, cfg, indices=None, **kwargs):
         model = real_fit(data, cfg, indices=indices, **kwargs)
-        model._trained_on = set(np.asarray(indices).tolist()) | getattr(model, "_trained_on", set())
+        fits.append(set(np.asarray(indices).tolist()))
+        # A model trained again (warm start) has seen everything any of its fits saw.
+        model._trained_on = fits[-1] | getattr(model, "_trained_on", set())
         return model
 
     def recording_predict(model, data, indices=None, **kwargs):
         if indices is not None and hasattr(model, "_trained_on"):
             judged.append(set(np.asarray(indices).tolist()))
-            trained.append(model._trained_on)
+            trained.append(set(model._trained_on))
         return real_predict(model, data, indices, **kwargs)
 
     monkeypatch.setattr(ispl, "fit", recording_fit)
     monkeypatch.setattr(ispl, "predict_logits", recording_predict)
+    return fits, trained, judged
+
+
+def test_cross_fitted_judges_never_judge_their_own_training_samples(planted, monkeypatch):
+    _, poisoned, _ = planted
+    _, trained, judged = record_training_and_judging(monkeypatch)
     run_defense(poisoned.images, poisoned.labels, 4, crossfit_config(boost=2))
     refinement = [(t, j) for t, j in zip(trained, judged) if len(j) < len(poisoned.labels)]
     assert len(refinement) == 4  # 2 rounds x 2 folds
@@ -376,9 +385,10 @@ def test_cross_fitted_defense_finds_the_trigger(planted):
     assert len(result.refinement_rounds) == 2
 
 
-def test_cross_fitted_refinement_resumes_to_the_identical_mask(planted, tmp_path):
+@pytest.mark.parametrize("refinement", ["cross_fitted", "outside"])
+def test_refinement_options_resume_to_the_identical_mask(planted, tmp_path, refinement):
     _, poisoned, _ = planted
-    cfg = crossfit_config(boost=2)
+    cfg = crossfit_config(boost=2) if refinement == "cross_fitted" else outside_config()
     full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
 
     class Interrupt(Exception):
@@ -433,24 +443,8 @@ def outside_config(**overrides) -> DefenseConfig:
 
 def test_outside_judge_never_judges_a_sample_it_trained_on(planted, monkeypatch):
     _, poisoned, _ = planted
-    trained, judged, votes, fits = [], [], [], []
-    real_fit, real_predict = ispl.fit, ispl.predict_logits
-
-    def recording_fit(data, cfg, indices=None, **kwargs):
-        model = real_fit(data, cfg, indices=indices, **kwargs)
-        fits.append(set(np.asarray(indices).tolist()))
-        # The refinement model is trained on in every round: it has seen everything any of its fits saw.
-        model._trained_on = fits[-1] | getattr(model, "_trained_on", set())
-        return model
-
-    def recording_predict(model, data, indices=None, **kwargs):
-        if indices is not None and hasattr(model, "_trained_on"):
-            judged.append(set(np.asarray(indices).tolist()))
-            trained.append(set(model._trained_on))
-        return real_predict(model, data, indices, **kwargs)
-
-    monkeypatch.setattr(ispl, "fit", recording_fit)
-    monkeypatch.setattr(ispl, "predict_logits", recording_predict)
+    votes = []
+    fits, trained, judged = record_training_and_judging(monkeypatch)
     result = run_defense(poisoned.images, poisoned.labels, 4, outside_config(),
                          observe=lambda kind, info: votes.append(set(info["kept_indices"].tolist()))
                          if kind == "vote" else None)
@@ -479,27 +473,3 @@ def test_outside_judged_defense_finds_the_trigger(planted):
     assert np.allclose(result.suspicion[removed], 0.5 + 0.5 * (1 - result.refinement_correct[removed]))
     top = np.argsort(-result.suspicion, kind="stable")[:mask.sum()]
     assert mask[top].mean() >= 0.8
-
-
-def test_outside_judged_refinement_resumes_to_the_identical_mask(planted, tmp_path):
-    _, poisoned, _ = planted
-    cfg = outside_config()
-    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_round(kind, info):
-        if kind == "refinement" and info["round"] == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
-                    observe=stop_after_first_round)
-    rounds = []
-    resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
-                          observe=lambda kind, info: rounds.append(info.get("round")) if kind == "refinement"
-                          else None)
-    assert rounds == [1]
-    assert np.array_equal(resumed.keep_mask, full.keep_mask)
-    assert np.allclose(resumed.refinement_correct, full.refinement_correct)
