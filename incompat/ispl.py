@@ -268,12 +268,14 @@ class Checkpoint:
         if not self.directory:
             return
         name = f"learner-b{rec.bag:02d}-{rec.index:02d}"
-        with atomic_output(self._path(name, "npz")) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, core_set=rec.core_set, predictions=rec.predictions, probabilities=rec.probabilities)
+        # The NPZ is written last: its presence marks the learner finished, so a kill between the two writes
+        # leaves only a JSON that the next run ignores and overwrites, never an NPZ without its JSON.
         with atomic_output(self._path(name, "json")) as tmp:
             Path(tmp).write_text(json.dumps({"bag": rec.bag, "index": rec.index, "rounds": rec.rounds,
                                              "retries": rec.retries}))
+        with atomic_output(self._path(name, "npz")) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, core_set=rec.core_set, predictions=rec.predictions, probabilities=rec.probabilities)
 
     def load_learner(self, bag: int, index: int) -> LearnerRecord | None:
         if not self.directory:

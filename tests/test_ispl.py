@@ -411,6 +411,36 @@ def test_refinement_options_resume_to_the_identical_mask(planted, tmp_path, refi
     assert resumed.meter.train_samples == full.meter.train_samples
 
 
+def test_a_learner_killed_while_checkpointing_is_never_half_loaded(tmp_path, monkeypatch):
+    # The NPZ marks a finished learner: whenever it exists, so does its JSON (CI once killed a run between
+    # the two writes, and the resumed run trained that learner again).
+    ckpt = ispl.Checkpoint(tmp_path, "fingerprint")
+    rng = np.random.default_rng(0)
+    record = ispl.LearnerRecord(0, 0, rng.random(20) < 0.5, rng.integers(0, 4, 20),
+                                rng.random((20, 4)).astype(np.float16), [{"kept": 0.5}], retries=1)
+
+    class Killed(Exception):
+        pass
+
+    json_present = []
+
+    def killed_while_writing_npz(fh, **arrays):
+        json_present.append((tmp_path / "learner-b00-00.json").exists())
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ispl.np, "savez", killed_while_writing_npz)
+        with pytest.raises(Killed):
+            ckpt.save_learner(record)
+    assert json_present == [True]
+    assert not (tmp_path / "learner-b00-00.npz").exists()
+    assert ckpt.load_learner(0, 0) is None  # unfinished: trained again
+    ckpt.save_learner(record)
+    loaded = ckpt.load_learner(0, 0)
+    assert np.array_equal(loaded.core_set, record.core_set) and loaded.rounds == record.rounds
+    assert loaded.retries == 1 and np.array_equal(loaded.probabilities, record.probabilities)
+
+
 def test_damaged_checkpoints_are_retrained_not_a_crash(planted, tmp_path, caplog):
     _, poisoned, _ = planted
     cfg = tiny_config(boost=2, refinement_rounds=1)
