@@ -4,7 +4,8 @@
 suspicion score (`<profile>/result.npz`) and the baselines' removal masks (`baselines.npz`). The issue's target is
 "ahead of both baselines on poison recall at no more clean removed"; the masks alone compare at different clean
 budgets, so this also ranks every sample by ISPL+B's suspicion score and cuts the ranking where it has removed as
-many clean images as the baseline did: that recall is what ISPL+B's scores can do at the baseline's budget.
+many clean images as the baseline did: that recall is what ISPL+B's scores can do at the baseline's budget. The
+`@5%` column cuts the same ranking at the target's budget (5% of the clean images removed).
 
   .venv/bin/python bench/compare_detection.py bench/results/checkpoints/cifar10-full --profile cpu
 """
@@ -25,6 +26,7 @@ from incompat.metrics import detection_confusion  # noqa: E402
 from research_ceiling import recall_at  # noqa: E402
 
 BASELINES = ("spectral", "ac")
+TARGET_CLEAN = 0.05  # the issue's budget: recall >= 99% with at most 5% of the clean images removed
 
 
 def main() -> None:
@@ -42,7 +44,8 @@ def main() -> None:
             if not np.array_equal(poison, base["poison"]):
                 sys.exit(f"{scenario_dir}: ISPL+B and the baselines saw different poisonings")
             row = {"scenario": scenario_dir.name, "poisons": int(poison.sum()),
-                   "ispl": figures(~res["keep"], poison)}
+                   "ispl": figures(~res["keep"], poison),
+                   "at_target": recall_at(res["suspicion"], poison, (TARGET_CLEAN,))[0]}
             for method in BASELINES:
                 key = f"removed_{method}"
                 if key in base:
@@ -53,18 +56,22 @@ def main() -> None:
         rows.append(row)
     if not rows:
         sys.exit(f"no scenario under {args.root} has both {args.profile}/result.npz and baselines.npz")
-    head = f"{'scenario':34} {'poisons':>7}  {'ISPL+B':>15}"
+    head = f"{'scenario':34} {'poisons':>7}  {'ISPL+B':>15} {'@5%':>6}"
     for method in BASELINES:
         head += f"  {method:>15} {'ISPL@budget':>11}"
-    print(head + "\n# recall% / clean-removed%; ISPL@budget: ISPL+B's ranking cut at the baseline's clean budget")
+    print(head + "\n# recall% / clean-removed%; @5%: ISPL+B's ranking cut at 5% of the clean images removed; "
+                 "ISPL@budget: cut at the baseline's clean budget")
     for row in rows:
-        line = f"{row['scenario']:34} {row['poisons']:>7}  {fmt(row['ispl']):>15}"
+        line = f"{row['scenario']:34} {row['poisons']:>7}  {fmt(row['ispl']):>15} {100 * row['at_target']:5.1f}%"
         for method in BASELINES:
             if method in row:
                 line += f"  {fmt(row[method][:2]):>15} {100 * row[method][2]:10.1f}%"
         print(line)
     print(f"\n# medians over {len(rows)} scenarios")
-    print(f"ISPL+B    recall {median(rows, 'ispl', 0):6.1f}%  clean removed {median(rows, 'ispl', 1):5.2f}%")
+    at_target = [r["at_target"] for r in rows]
+    print(f"ISPL+B    recall {median(rows, 'ispl', 0):6.1f}%  clean removed {median(rows, 'ispl', 1):5.2f}%  "
+          f"ranking at 5% clean: median recall {100 * float(np.median(at_target)):5.1f}%, "
+          f">= 99% in {sum(r >= 0.99 for r in at_target)}/{len(rows)}")
     for method in BASELINES:
         have = [r for r in rows if method in r]
         if not have:

@@ -27,10 +27,18 @@ from incompat.sanitize import read_truth  # noqa: E402
 
 
 def recall_at(score: np.ndarray, poison: np.ndarray, clean_fractions=(0.01, 0.05, 0.10)) -> list[float]:
+    """Poison recall of the ranking cut as deep as it goes with at most each fraction of the clean images removed."""
     order = np.argsort(-score, kind="stable")
-    clean_gone = np.cumsum(~poison[order]) / max(1, int((~poison).sum()))
+    clean_seen = np.cumsum(~poison[order])
     caught = np.cumsum(poison[order]) / max(1, int(poison.sum()))
-    return [float(caught[min(len(caught) - 1, np.searchsorted(clean_gone, f))]) for f in clean_fractions]
+    n_clean = int((~poison).sum())
+    recalls = []
+    for fraction in clean_fractions:
+        # Counted in images, not fractions: a baseline's budget of k/n_clean must allow exactly k clean images.
+        budget = int(np.floor(fraction * n_clean + 1e-9))
+        last = int(np.searchsorted(clean_seen, budget, side="right")) - 1  # the deepest cut within the budget
+        recalls.append(float(caught[last]) if last >= 0 else 0.0)
+    return recalls
 
 
 def main() -> None:
