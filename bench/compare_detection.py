@@ -56,10 +56,10 @@ def main() -> None:
         rows.append(row)
     if not rows:
         sys.exit(f"no scenario under {args.root} has both {args.profile}/result.npz and baselines.npz")
-    head = f"{'scenario':34} {'poisons':>7}  {'ISPL+B':>15} {'@5%':>6}"
+    head = f"{'scenario':34} {'poisons':>7}  {'ISPL+B':>15} {f'@{TARGET_CLEAN:.0%}':>6}"
     for method in BASELINES:
         head += f"  {method:>15} {'ISPL@budget':>11}"
-    print(head + "\n# recall% / clean-removed%; @5%: ISPL+B's ranking cut at 5% of the clean images removed; "
+    print(head + f"\n# recall% / clean-removed%; @{TARGET_CLEAN:.0%}: ISPL+B's ranking cut at {TARGET_CLEAN:.0%} of the clean images removed; "
                  "ISPL@budget: cut at the baseline's clean budget")
     for row in rows:
         line = f"{row['scenario']:34} {row['poisons']:>7}  {fmt(row['ispl']):>15} {100 * row['at_target']:5.1f}%"
@@ -68,10 +68,9 @@ def main() -> None:
                 line += f"  {fmt(row[method][:2]):>15} {100 * row[method][2]:10.1f}%"
         print(line)
     print(f"\n# medians over {len(rows)} scenarios")
-    at_target = [r["at_target"] for r in rows]
     print(f"ISPL+B    recall {median(rows, 'ispl', 0):6.1f}%  clean removed {median(rows, 'ispl', 1):5.2f}%  "
-          f"ranking at 5% clean: median recall {100 * float(np.median(at_target)):5.1f}%, "
-          f">= 99% in {sum(r >= 0.99 for r in at_target)}/{len(rows)}")
+          f"ranking at {TARGET_CLEAN:.0%} clean: median recall {median(rows, 'at_target'):5.1f}%, "
+          f">= 99% in {sum(r['at_target'] >= 0.99 for r in rows)}/{len(rows)}")
     for method in BASELINES:
         have = [r for r in rows if method in r]
         if not have:
@@ -94,8 +93,8 @@ def fmt(pair) -> str:
     return f"{100 * pair[0]:5.1f} / {100 * pair[1]:5.2f}"
 
 
-def median(rows: list[dict], key: str, index: int) -> float:
-    return 100 * float(np.median([r[key][index] for r in rows]))
+def median(rows: list[dict], key: str, index: int | None = None) -> float:
+    return 100 * float(np.median([r[key] if index is None else r[key][index] for r in rows]))
 
 
 if __name__ == "__main__":
