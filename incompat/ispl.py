@@ -168,6 +168,9 @@ class LearnerRecord:
     probabilities: np.ndarray  # float16 (N, n_classes): softmax of the core model
     rounds: list[dict]  # per refit round: kept fraction, mean loss (and poison kept when an observer knows it)
     retries: int = 0
+    # The run's compute up to and including this learner, saved with it: a resumed run restores it from the last
+    # finished learner, so no kill between two writes can make it count a reused learner's work twice or never.
+    meter: ComputeMeter | None = None
 
 
 @dataclass
@@ -272,7 +275,8 @@ class Checkpoint:
         # leaves only a JSON that the next run ignores and overwrites, never an NPZ without its JSON.
         with atomic_output(self._path(name, "json")) as tmp:
             Path(tmp).write_text(json.dumps({"bag": rec.bag, "index": rec.index, "rounds": rec.rounds,
-                                             "retries": rec.retries}))
+                                             "retries": rec.retries,
+                                             "meter": dataclasses.asdict(rec.meter) if rec.meter else None}))
         with atomic_output(self._path(name, "npz")) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, core_set=rec.core_set, predictions=rec.predictions, probabilities=rec.probabilities)
@@ -289,7 +293,8 @@ class Checkpoint:
                 info = json.loads(meta.read_text())
                 return LearnerRecord(bag, index, arrays["core_set"].astype(bool),
                                      arrays["predictions"].astype(np.int64), arrays["probabilities"].astype(np.float16),
-                                     info["rounds"], info.get("retries", 0))
+                                     info["rounds"], info.get("retries", 0),
+                                     ComputeMeter(**info["meter"]) if info.get("meter") else None)
         except Exception as exc:  # a damaged checkpoint is not worth a crash: that learner is trained again
             log.warning("%s: damaged checkpoint (%s); training this learner again", npz, exc)
             return None
@@ -318,12 +323,8 @@ class Checkpoint:
             return None
         return state if state.get("fingerprint") == self.refinement_fingerprint else None
 
-    def save_meter(self, meter: ComputeMeter) -> None:
-        if self.directory:
-            with atomic_output(self._path("meter", "json")) as tmp:
-                Path(tmp).write_text(json.dumps(dataclasses.asdict(meter)))
-
-    def load_meter(self) -> ComputeMeter | None:
+    def load_legacy_meter(self) -> ComputeMeter | None:
+        """Checkpoints written before the meter moved into the learner files kept it in meter.json."""
         if self.directory and self._path("meter", "json").exists():
             return ComputeMeter(**json.loads(self._path("meter", "json").read_text()))
         return None
@@ -407,7 +408,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     data = TensorData(images, labels, device=device, num_classes=n_classes)
     ckpt = Checkpoint(checkpoint_dir, learner_fingerprint(cfg, fingerprint),
                       json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-    meter = ckpt.load_meter() or ComputeMeter()
+    meter = ckpt.load_legacy_meter() or ComputeMeter()
     spent_before = meter.seconds  # wall time of the checkpointed work this run reuses
 
     def stamp() -> ComputeMeter:
@@ -424,6 +425,10 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 log.info("bag %d: active set down to %d samples; stopping after %d learners", bag, active.sum(), index)
                 break
             rec = ckpt.load_learner(bag, index)
+            if rec is not None and rec.meter is not None:
+                # Learners finish in order: the last one reused carries the compute of all the work before it.
+                meter = dataclasses.replace(rec.meter)
+                spent_before, start = meter.seconds, time.monotonic()
             if rec is None:
                 data_perc = min(1.0, per_learner * n / active.sum())
                 seed = derive_seed(cfg.seed, 1, bag, index)
@@ -432,9 +437,9 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                     name=f"bag{bag}-learner{index}")
                 probabilities = predict_probabilities(core_model, data, meter)
                 rec = LearnerRecord(bag, index, core_set, probabilities.argmax(1).astype(np.int64),
-                                    probabilities.astype(np.float16), rounds, retries)
+                                    probabilities.astype(np.float16), rounds, retries,
+                                    dataclasses.replace(stamp()))
                 ckpt.save_learner(rec)
-                ckpt.save_meter(stamp())
             learners.append(rec)
             if observe:
                 observe("learner", {"bag": bag, "index": index, "core_size": int(rec.core_set.sum()),

@@ -11,7 +11,7 @@ from incompat import ispl
 from incompat.attacks import Scenario, Trigger, poison
 from incompat.ispl import DefenseConfig, run_defense, trim, vote
 
-from incompat.training import TrainingDiverged
+from incompat.training import ComputeMeter, TrainingDiverged
 from tests.conftest import make_imageset
 
 
@@ -151,7 +151,7 @@ def test_resume_after_interruption_gives_identical_mask(planted, tmp_path):
         run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
                     observe=stop_after_second_learner)
     assert len(list((tmp_path / "b").glob("learner-*.npz"))) == 2
-    spent_before = json.loads((tmp_path / "b" / "meter.json").read_text())["seconds"]
+    spent_before = json.loads((tmp_path / "b" / "learner-b00-01.json").read_text())["meter"]["seconds"]
     trained = []
     original_weak_learner = ispl.weak_learner
 
@@ -417,7 +417,8 @@ def test_a_learner_killed_while_checkpointing_is_never_half_loaded(tmp_path, mon
     ckpt = ispl.Checkpoint(tmp_path, "fingerprint")
     rng = np.random.default_rng(0)
     record = ispl.LearnerRecord(0, 0, rng.random(20) < 0.5, rng.integers(0, 4, 20),
-                                rng.random((20, 4)).astype(np.float16), [{"kept": 0.5}], retries=1)
+                                rng.random((20, 4)).astype(np.float16), [{"kept": 0.5}], retries=1,
+                                meter=ComputeMeter(train_samples=7, infer_samples=3, seconds=1.5))
 
     class Killed(Exception):
         pass
@@ -439,6 +440,43 @@ def test_a_learner_killed_while_checkpointing_is_never_half_loaded(tmp_path, mon
     loaded = ckpt.load_learner(0, 0)
     assert np.array_equal(loaded.core_set, record.core_set) and loaded.rounds == record.rounds
     assert loaded.retries == 1 and np.array_equal(loaded.probabilities, record.probabilities)
+    assert loaded.meter == record.meter
+
+
+def test_a_run_killed_just_after_a_learner_is_saved_resumes_with_its_full_compute(planted, tmp_path, monkeypatch):
+    # The meter travels in the learner's own files: there is no instant after a learner is saved in which the
+    # checkpoint holds that learner but a meter that does not count it (meter.json once lagged one learner).
+    _, poisoned, _ = planted
+    cfg = tiny_config(boost=2, refinement_rounds=1)
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    original_save = ispl.Checkpoint.save_learner
+
+    def killed_after_second_save(self, rec):
+        original_save(self, rec)
+        if rec.index == 1:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ispl.Checkpoint, "save_learner", killed_after_second_save)
+        with pytest.raises(Killed):
+            run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b")
+    retrained = []
+    original_weak_learner = ispl.weak_learner
+
+    def counting(*args, **kwargs):
+        retrained.append(kwargs["name"])
+        return original_weak_learner(*args, **kwargs)
+
+    monkeypatch.setattr(ispl, "weak_learner", counting)
+    resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b")
+    assert retrained == []  # both learners reused
+    assert np.array_equal(resumed.keep_mask, full.keep_mask)
+    assert (resumed.meter.train_samples, resumed.meter.infer_samples) == \
+        (full.meter.train_samples, full.meter.infer_samples)
 
 
 def test_damaged_checkpoints_are_retrained_not_a_crash(planted, tmp_path, caplog):
