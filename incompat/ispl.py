@@ -230,6 +230,17 @@ def vote(predictions: np.ndarray, n_classes: int, rng: np.random.Generator) -> t
     return keys.argmax(axis=1), best
 
 
+def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int, cfg: DefenseConfig) -> np.ndarray:
+    """The vote's keep-mask over the learners' predictions. With outside judging it is also the ceiling of what the
+    defense can remove: the refinement trusts these samples and judges only the others."""
+    if cfg.vote_rule == "held_out":
+        held_out = held_out_probabilities(learners)
+        return held_out[np.arange(len(labels)), labels] >= cfg.vote_threshold
+    predictions = np.stack([rec.predictions for rec in learners])
+    winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
+    return (winner == labels) & (count >= cfg.vote_min_count)
+
+
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
@@ -451,12 +462,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     bar.close()
     predictions = np.stack([rec.predictions for rec in learners])
     vote_agreement = (predictions == labels[None, :]).mean(axis=0)
-    if cfg.vote_rule == "held_out":
-        held_out = held_out_probabilities(learners)
-        keep = held_out[np.arange(n), labels] >= cfg.vote_threshold
-    else:
-        winner, count = vote(predictions, n_classes, np.random.default_rng(derive_seed(cfg.seed, 2)))
-        keep = (winner == labels) & (count >= cfg.vote_min_count)
+    keep = vote_keep(learners, labels, n_classes, cfg)
     if observe:
         observe("vote", {"kept_fraction": float(keep.mean()), "kept_indices": np.flatnonzero(keep)})
 
