@@ -84,5 +84,6 @@ def test_the_vote_column_counts_the_poisons_the_vote_did_not_keep(tmp_path):
 
     column, out = vote_column()
     assert column == "50.0%"  # poisons 2 and 3
-    assert "does not keep a median  50.0% of the poisons (50.0-50.0%), >= 99% in 0/1, nor a median  0.00% of the clean" in out
+    assert ("does not keep a median  50.0% of the poisons (50.0-50.0%), >= 99% in 0/1, "
+            "nor a median  0.00% of the clean images") in out
     assert vote_column("--set", "vote_min_count=3")[0] == "75.0%"  # poison 1 too
