@@ -541,3 +541,21 @@ def test_outside_judged_defense_finds_the_trigger(planted):
     assert np.allclose(result.suspicion[removed], 0.5 + 0.5 * (1 - result.refinement_correct[removed]))
     top = np.argsort(-result.suspicion, kind="stable")[:mask.sum()]
     assert mask[top].mean() >= 0.8
+
+
+def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):
+    # Older checkpoint folders kept the meter in meter.json, written after each learner, and none in the learners.
+    _, poisoned, _ = planted
+    cfg = tiny_config(boost=2, refinement_rounds=0)
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path)
+    last = json.loads((tmp_path / "learner-b00-01.json").read_text())["meter"]
+    for path in tmp_path.glob("learner-*.json"):
+        info = json.loads(path.read_text())
+        del info["meter"]
+        path.write_text(json.dumps(info))
+    (tmp_path / "meter.json").write_text(json.dumps(last))
+    again = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path)
+    assert np.array_equal(again.keep_mask, full.keep_mask)
+    assert (again.meter.train_samples, again.meter.infer_samples) == (full.meter.train_samples,
+                                                                      full.meter.infer_samples)
+    assert again.meter.train_samples > 0
