@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from incompat.config import load_params, parse_overrides  # noqa: E402
-from incompat.ispl import LearnerRecord, vote_keep  # noqa: E402
+from incompat.ispl import vote_keep  # noqa: E402
 from incompat.metrics import detection_confusion  # noqa: E402
-from research_ceiling import recall_at  # noqa: E402
+from research_ceiling import load_learners, recall_at  # noqa: E402
 
 BASELINES = ("spectral", "ac")
 TARGET_CLEAN = 0.05  # the issue's budget: recall >= 99% with at most 5% of the clean images removed
@@ -103,14 +103,9 @@ def main() -> None:
 def vote_ceiling(profile_dir: Path, result, cfg) -> tuple[float, float] | None:
     """Shares of the poisons and of the clean images the vote did not keep; None without learner checkpoints or
     saved labels."""
-    paths = sorted(profile_dir.glob("learner-*.npz"))
-    if not paths or "labels" not in result:
+    learners = load_learners(profile_dir) if "labels" in result else []
+    if not learners:
         return None
-    learners = []
-    for path in paths:
-        with np.load(path, allow_pickle=False) as arrays:
-            learners.append(LearnerRecord(0, len(learners), arrays["core_set"].astype(bool),
-                                          arrays["predictions"].astype(np.int64), arrays["probabilities"], []))
     labels, poison = result["labels"], result["poison"]
     kept = vote_keep(learners, labels, learners[0].probabilities.shape[1], cfg)
     return float((~kept[poison]).mean()), float((~kept[~poison]).mean())

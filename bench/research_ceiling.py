@@ -41,6 +41,17 @@ def recall_at(score: np.ndarray, poison: np.ndarray, clean_fractions=(0.01, 0.05
     return recalls
 
 
+def load_learners(folder: Path) -> list[LearnerRecord]:
+    """The weak learners a checkpoint folder holds, in training order (read-only: no fingerprint check, unlike
+    `Checkpoint`, which discards the learners of other parameters)."""
+    learners = []
+    for path in sorted(folder.glob("learner-*.npz")):
+        with np.load(path, allow_pickle=False) as arrays:
+            learners.append(LearnerRecord(0, len(learners), arrays["core_set"].astype(bool),
+                                          arrays["predictions"].astype(np.int64), arrays["probabilities"], []))
+    return learners
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
@@ -49,11 +60,7 @@ def main() -> None:
     dataset = read_dataset(args.run_dir / "dataset.parquet")
     labels = np.asarray(dataset.labels, dtype=np.int64)
     poison = read_truth(args.truth, dataset)
-    learners = []
-    for path in sorted((args.run_dir / "checkpoints").glob("learner-*.npz")):
-        with np.load(path, allow_pickle=False) as arrays:
-            learners.append(LearnerRecord(0, len(learners), arrays["core_set"], arrays["predictions"],
-                                          arrays["probabilities"], []))
+    learners = load_learners(args.run_dir / "checkpoints")
     if not learners:
         sys.exit(f"{args.run_dir}/checkpoints: no learner checkpoints")
     n, k = len(labels), learners[0].probabilities.shape[1]
