@@ -101,6 +101,9 @@ class DefenseConfig:
     refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
     refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
     refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
+    # The refinement model's TrainConfig.loss_trim (the paper: 0): poisons the vote let through stay among each
+    # batch's highest losses, so the judge learns less of their labels and still calls the other poisons wrong.
+    refinement_loss_trim: float = 0.0
     anomaly_ratio: float = 0.0  # 0: off; else the (label, predicted) cell test described above
     anomaly_threshold: float = 0.5
     anomaly_z: float = 5.0
@@ -152,6 +155,9 @@ class DefenseConfig:
                     0 < self.refinement_threshold <= self.refinement_train_threshold <= 1):
                 raise ValueError("defense.refinement_judge 'outside' needs 0 < refinement_threshold <= "
                                  "refinement_train_threshold <= 1 (a sample trained on must also be kept)")
+        if not 0 <= self.refinement_loss_trim < 1:
+            raise ValueError("defense.refinement_loss_trim must be a fraction in [0, 1), "
+                             f"got {self.refinement_loss_trim!r}")
         if self.anomaly_ratio < 0:
             raise ValueError("defense.anomaly_ratio must be >= 0 (0 turns the cell test off)")
 
@@ -244,11 +250,15 @@ def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int,
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
-                  "refinement_train_threshold", "refinement_judge", "anomaly_ratio", "anomaly_threshold", "anomaly_z")
+                  "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "anomaly_ratio",
+                  "anomaly_threshold", "anomaly_z")
 
 
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
     values = {k: v for k, v in cfg.to_dict().items() if k not in AFTER_LEARNERS}
+    if values["learner_train"].get("loss_trim") == 0.0:
+        # Left out at its default so that learners saved before the key existed are still reused.
+        del values["learner_train"]["loss_trim"]
     return data_digest + json.dumps(values, sort_keys=True, default=str)
 
 
@@ -496,7 +506,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 probs = np.eye(n_classes, dtype=np.float32)[labels]
                 correct = trusted.astype(np.float64)
             train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
-                                            seed=derive_seed(cfg.seed, 3, it))
+                                            loss_trim=cfg.refinement_loss_trim, seed=derive_seed(cfg.seed, 3, it))
             models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(trusted if outside else keep), cfg,
                                              meter, f"refinement round {it}", model=models[0])
             if outside:
@@ -521,6 +531,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 if len(train_idx) == 0:
                     raise DefenseError(f"refinement round {it}: fold {f} has no trusted sample to train on")
                 train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
+                                                loss_trim=cfg.refinement_loss_trim,
                                                 seed=derive_seed(cfg.seed, 3, it, f))
                 models[f], _ = _fit_with_retries(data, train_cfg, train_idx, cfg, meter,
                                                  f"refinement round {it} fold {f}", model=models[f])

@@ -98,6 +98,10 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # "step": multiply the lr by `gamma` at these fractions
     gamma: float = 0.1
     label_smoothing: float = 0.1
+    # Fraction of each batch, highest losses first, left out of the gradient (trimmed loss, as in ITLM and
+    # co-teaching's small-loss trick). A few mislabelled or poisoned samples keep a high loss while the bulk is
+    # learned, so a model trained this way learns less of them. 0: the plain mean.
+    loss_trim: float = 0.0
     augment: bool = True  # pad-4 random crop + horizontal flip
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -144,6 +148,8 @@ class TrainConfig:
             raise bad(f"gamma must be in (0, 1], got {self.gamma!r}")
         if not 0 <= self.label_smoothing < 1:
             raise bad(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 <= self.loss_trim < 1:
+            raise bad(f"loss_trim must be a fraction in [0, 1), got {self.loss_trim!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise bad(f"threads must be None or an integer >= 1, got {self.threads!r}")
         if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
@@ -516,6 +522,9 @@ def fit(data: TensorData, config: TrainConfig, indices: np.ndarray | None = None
                                              label_smoothing=config.label_smoothing)
                     if weights_t is not None:
                         losses = losses * weights_t[batch_idx].to(device)
+                    if config.loss_trim > 0:
+                        kept = max(1, math.ceil((1 - config.loss_trim) * len(losses)))
+                        losses = losses.topk(kept, largest=False, sorted=False).values
                     loss = losses.mean()
                     if (step + 1) % check_every == 0 or s == steps_per_epoch - 1:
                         if not torch.isfinite(loss).item():

@@ -283,7 +283,8 @@ def test_paper_defaults_leave_the_options_off():
                                   "refinement_folds": 2},
                                  {"refinement_judge": "outside"},  # no threshold to join the trusted set
                                  {"refinement_judge": "outside", "refinement_train_threshold": 0.1,
-                                  "refinement_threshold": 0.3}])  # kept would not cover trained-on
+                                  "refinement_threshold": 0.3},  # kept would not cover trained-on
+                                 {"refinement_loss_trim": 1.0}, {"refinement_loss_trim": -0.1}])
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError):
         DefenseConfig.from_dict(bad)
@@ -541,6 +542,27 @@ def test_outside_judged_defense_finds_the_trigger(planted):
     assert np.allclose(result.suspicion[removed], 0.5 + 0.5 * (1 - result.refinement_correct[removed]))
     top = np.argsort(-result.suspicion, kind="stable")[:mask.sum()]
     assert mask[top].mean() >= 0.8
+
+
+def test_the_trimmed_loss_reaches_the_refinement_only_and_reuses_the_learners(planted, tmp_path, monkeypatch):
+    _, poisoned, mask = planted
+    run_defense(poisoned.images, poisoned.labels, 4, outside_config(), checkpoint_dir=tmp_path)
+    trims = []
+    real_fit = ispl.fit
+
+    def recording_fit(data, cfg, indices=None, **kwargs):
+        trims.append(cfg.loss_trim)
+        return real_fit(data, cfg, indices=indices, **kwargs)
+
+    monkeypatch.setattr(ispl, "fit", recording_fit)
+    result = run_defense(poisoned.images, poisoned.labels, 4, outside_config(refinement_loss_trim=0.2),
+                         checkpoint_dir=tmp_path)
+    assert trims == [0.2, 0.2]  # the two refinement rounds; both learners came from the checkpoints
+    removed = ~result.keep_mask
+    assert removed[mask].mean() >= 0.9 and removed[~mask].mean() <= 0.05
+    trims.clear()
+    run_defense(poisoned.images, poisoned.labels, 4, outside_config(refinement_loss_trim=0.2))
+    assert trims[:-2] and set(trims[:-2]) == {0.0} and trims[-2:] == [0.2, 0.2]  # learners train untrimmed
 
 
 def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):

@@ -1,0 +1,90 @@
+"""What an outside judge could do if nothing it trained on were poisoned: the bound of ISPL+B's refinement.
+
+With outside judging, ISPL+B's refinement model trains on the samples it trusts and ranks the others by p(label).
+Two things limit that ranking: poisons that slip into its training set (it then learns their labels) and the
+judge's own accuracy (a weak model gives many clean images a low p(label) too). This separates the two. The
+samples are split into two seeded folds; for each fold a judge of the profile's model is trained on the other
+fold, and judges its fold:
+
+  clean     trains only on the truly clean samples of the other fold (a judge no poison reached; ground truth
+            picks them, so this is a bound, not a defense)
+  all       trains on every sample of the other fold, poisons included (a judge that trusts everything)
+
+and prints the poison recall with the ranking cut at 1%, 5% and 10% of the clean images removed. If `clean`
+falls short of the target, no choice of what to trust reaches it with this model and training length.
+
+  .venv/bin/python bench/research_clean_judge.py --scenario paper:100:17 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from incompat.config import load_params  # noqa: E402
+from incompat.training import TensorData, fit, predict_logits  # noqa: E402
+from research_ceiling import recall_at  # noqa: E402
+from research_ispl import load  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--scenario", default="paper:100:17")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--epochs", type=int, default=6, help="the judge's epochs (cpu: 3 rounds of 2)")
+    ap.add_argument("--judges", default="clean,all")
+    ap.add_argument("--flip", action="store_true", help="also average each judge's p over the mirrored image")
+    ap.add_argument("--loss-trim", type=float, default=0.0, help="the judge's TrainConfig.loss_trim")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_params(args.params, profile=args.profile).defense
+    train, poison, scenario = load(args.dataset, args.subset, args.scenario)
+    labels = np.asarray(train.labels, dtype=np.int64)
+    n = len(labels)
+    data = TensorData(train.images, labels, num_classes=train.n_classes)
+    fold = np.random.default_rng(0).integers(0, 2, n)
+    train_cfg = dataclasses.replace(cfg.learner_train, epochs=args.epochs, threads=args.threads, seed=0,
+                                    loss_trim=args.loss_trim)
+    print(f"# {scenario.name}: {n} samples, {int(poison.sum())} poisons; judge {train_cfg.model}, "
+          f"{args.epochs} epochs, loss_trim {args.loss_trim}, 2 folds")
+    print(f"{'judge':12} {'acc(clean)':>10} {'@1%':>7} {'@5%':>7} {'@10%':>7} {'seconds':>8}")
+    for kind in args.judges.split(","):
+        t0 = time.monotonic()
+        probs = np.zeros((n, train.n_classes))
+        flipped = np.zeros((n, train.n_classes))
+        for f in (0, 1):
+            trusted = (fold != f) & (~poison if kind == "clean" else True)
+            model = fit(data, train_cfg, np.flatnonzero(trusted), progress=False)
+            judged = np.flatnonzero(fold == f)
+            probs[judged] = torch.softmax(predict_logits(model, data, judged).float(), 1).numpy()
+            if args.flip:
+                mirrored = TensorData(train.images[judged][:, :, ::-1].copy(), labels[judged],
+                                      num_classes=train.n_classes)
+                flipped[judged] = torch.softmax(predict_logits(model, mirrored).float(), 1).numpy()
+        variants = {kind: probs}
+        if args.flip:
+            variants[kind + "+flip"] = (probs + flipped) / 2
+        for name, p in variants.items():
+            p_label = p[np.arange(n), labels]
+            accuracy = float((p.argmax(1) == labels)[~poison].mean())
+            r1, r5, r10 = recall_at(1.0 - p_label, poison)
+            print(f"{name:12} {accuracy:10.1%} {r1:7.1%} {r5:7.1%} {r10:7.1%} {time.monotonic() - t0:8.0f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
