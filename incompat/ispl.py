@@ -37,6 +37,9 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         quasi-symmetric confusion model expects from its transposed cell, significantly
                         (z >= anomaly_z), is one group of samples that all look like another class: a
                         source->target poisoning. Its samples are removed up to p(label) < anomaly_threshold.
+  trimmed refinement    (refinement_loss_trim > 0) the refinement model leaves each batch's highest losses out of
+                        its gradient, so the poisons among what it trains on are learned less. Off in every
+                        profile: on full CIFAR-10 it helped on some scenarios and hurt on others (README).
 
 Ground truth is never an input here. Every random draw comes from a seed derived from (seed, bag, learner,
 round), so a run resumed from a checkpoint draws exactly what an uninterrupted one would.

@@ -1,6 +1,7 @@
 """ISPL+B mechanics on tiny synthetic data: a planted trigger is found, clean data loses little, an interrupted
 run resumes to the identical mask, diverging training is retried, and the helpers do what the paper's code does."""
 
+import dataclasses
 import json
 import time
 
@@ -563,6 +564,17 @@ def test_the_trimmed_loss_reaches_the_refinement_only_and_reuses_the_learners(pl
     trims.clear()
     run_defense(poisoned.images, poisoned.labels, 4, outside_config(refinement_loss_trim=0.2))
     assert trims[:-2] and set(trims[:-2]) == {0.0} and trims[-2:] == [0.2, 0.2]  # learners train untrimmed
+
+
+def test_learner_checkpoints_from_before_loss_trim_existed_keep_their_fingerprint():
+    # Saved fingerprints predate TrainConfig.loss_trim: at its default it must not enter the string, or every
+    # saved learner would be retrained; a trimmed learner training is another fingerprint.
+    plain = ispl.learner_fingerprint(tiny_config(), "digest")
+    assert "loss_trim" not in plain
+    trimmed = tiny_config()
+    trimmed.learner_train = dataclasses.replace(trimmed.learner_train, loss_trim=0.1)
+    assert ispl.learner_fingerprint(trimmed, "digest") != plain
+    assert ispl.learner_fingerprint(tiny_config(refinement_loss_trim=0.1), "digest") == plain
 
 
 def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):
