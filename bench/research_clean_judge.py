@@ -73,7 +73,7 @@ def main() -> None:
             probs[judged] = torch.softmax(predict_logits(model, data, judged).float(), 1).numpy()
             if args.flip:
                 mirrored = TensorData(train.images[judged][:, :, ::-1].copy(), labels[judged],
-                                      num_classes=train.n_classes)
+                                      num_classes=train.n_classes, mean=data.mean, std=data.std)
                 flipped[judged] = torch.softmax(predict_logits(model, mirrored).float(), 1).numpy()
         variants = {kind: probs}
         if args.flip:

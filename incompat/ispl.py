@@ -508,9 +508,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             if outside and probs is None:  # the vote's keep is trusted as it stands: p(label) = 1, never judged
                 probs = np.eye(n_classes, dtype=np.float32)[labels]
                 correct = trusted.astype(np.float64)
-            train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
-                                            loss_trim=cfg.refinement_loss_trim, seed=derive_seed(cfg.seed, 3, it))
-            models[0], _ = _fit_with_retries(data, train_cfg, np.flatnonzero(trusted if outside else keep), cfg,
+            models[0], _ = _fit_with_retries(data, _refinement_train(cfg, it), np.flatnonzero(trusted if outside else keep), cfg,
                                              meter, f"refinement round {it}", model=models[0])
             if outside:
                 judged = np.flatnonzero(~trusted)
@@ -533,10 +531,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 train_idx = np.flatnonzero(trusted & (fold_of != f))
                 if len(train_idx) == 0:
                     raise DefenseError(f"refinement round {it}: fold {f} has no trusted sample to train on")
-                train_cfg = dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
-                                                loss_trim=cfg.refinement_loss_trim,
-                                                seed=derive_seed(cfg.seed, 3, it, f))
-                models[f], _ = _fit_with_retries(data, train_cfg, train_idx, cfg, meter,
+                models[f], _ = _fit_with_retries(data, _refinement_train(cfg, it, f), train_idx, cfg, meter,
                                                  f"refinement round {it} fold {f}", model=models[f])
                 judged = np.flatnonzero(fold_of == f)
                 if len(judged):
@@ -688,6 +683,12 @@ def cross_fit_keep(probs: np.ndarray, labels: np.ndarray, n_classes: int, cfg: D
             in_cell = cells[labels, other.argmax(axis=1)]
             keep &= ~(in_cell & (score < cfg.anomaly_threshold))
     return keep
+
+
+def _refinement_train(cfg: DefenseConfig, *round_and_fold: int) -> TrainConfig:
+    """The refinement model's training: the learners' recipe with the refinement's epochs and loss trim."""
+    return dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs, loss_trim=cfg.refinement_loss_trim,
+                               seed=derive_seed(cfg.seed, 3, *round_and_fold))
 
 
 def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray) -> np.ndarray:
