@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - {"as-is", "no-leak"}:
+        ap.error(f"--modes: unknown {sorted(unknown)} (as-is, no-leak)")
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
     overrides.setdefault("learner_train", {})["threads"] = args.threads
@@ -88,9 +91,7 @@ def main() -> None:
         if not marker.exists() or marker.read_text() != ispl.learner_fingerprint(cfg, train.dataset_digest()):
             # run_defense would discard them and train new learners: minutes of work that answer another question.
             sys.exit(f"{learner_dir}: its learners were saved with other parameters (pass the run's --set)")
-        for mode in args.modes.split(","):
-            if mode not in ("as-is", "no-leak"):
-                sys.exit(f"--modes: unknown mode {mode!r} (as-is, no-leak)")
+        for mode in modes:
             t0 = time.monotonic()
             result = refine(train, cfg, learner_dir, poison if mode == "no-leak" else None)
             removed = ~result.keep_mask
