@@ -508,8 +508,9 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             if outside and probs is None:  # the vote's keep is trusted as it stands: p(label) = 1, never judged
                 probs = np.eye(n_classes, dtype=np.float32)[labels]
                 correct = trusted.astype(np.float64)
-            models[0], _ = _fit_with_retries(data, _refinement_train(cfg, it), np.flatnonzero(trusted if outside else keep), cfg,
-                                             meter, f"refinement round {it}", model=models[0])
+            models[0], _ = _fit_with_retries(data, _refinement_train(cfg, it),
+                                             np.flatnonzero(trusted if outside else keep), cfg, meter,
+                                             f"refinement round {it}", model=models[0])
             if outside:
                 judged = np.flatnonzero(~trusted)
                 if len(judged):
