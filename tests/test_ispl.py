@@ -333,6 +333,23 @@ def test_anomalous_cells_flag_a_one_sided_group_not_symmetric_confusion():
     assert cells.sum() == 1  # the natural 0<->1 confusion is symmetric: no cell
 
 
+def test_anomalous_cells_flag_a_group_whose_transposed_cell_is_empty():
+    # A poisoning fills (target, source) and leaves (source, target) empty; the old Wald z of the log ratio could
+    # not exceed ~4.3 there however many poisons, so a strict z_min never flagged the cell.
+    probs, labels, poisons, _ = _confused_probs(planted=150)
+    assert ispl.anomalous_cells(probs, labels, 4, threshold=0.5, ratio=3.0, z_min=8.0)[2, 3]
+    few_probs, few_labels, _, _ = _confused_probs(planted=4)
+    assert not ispl.anomalous_cells(few_probs, few_labels, 4, threshold=0.5, ratio=3.0, z_min=8.0).any()
+
+
+def test_binomial_z_is_the_signed_root_likelihood_ratio():
+    assert ispl._binomial_z(211, 211, 0.5) == pytest.approx(np.sqrt(2 * 211 * np.log(2)))
+    assert ispl._binomial_z(50, 100, 0.5) == pytest.approx(0.0)
+    assert ispl._binomial_z(10, 100, 0.5) < -7  # fewer than expected: negative, never flagged
+    # Against a fitted share of 0.8, 80 of 100 is no excess.
+    assert abs(ispl._binomial_z(80, 100, 0.8)) < 1e-6
+
+
 def test_cross_fit_keep_removes_the_anomalous_cell_and_spares_hard_clean():
     probs, labels, poisons, confused = _confused_probs()
     cfg = crossfit_config(refinement_threshold=0.1, anomaly_threshold=0.5)
