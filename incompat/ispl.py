@@ -257,11 +257,16 @@ AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "r
                   "anomaly_threshold", "anomaly_z")
 
 
+# learner_train keys added after checkpoints existed, with the default that behaves as before them.
+LATER_TRAIN_KEYS = {"loss_trim": 0.0, "flip": True}
+
+
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
     values = {k: v for k, v in cfg.to_dict().items() if k not in AFTER_LEARNERS}
-    if values["learner_train"].get("loss_trim") == 0.0:
-        # Left out at its default so that learners saved before the key existed are still reused.
-        del values["learner_train"]["loss_trim"]
+    for key, default in LATER_TRAIN_KEYS.items():
+        if values["learner_train"].get(key) == default:
+            # Left out at its default so that learners saved before the key existed are still reused.
+            del values["learner_train"][key]
     return data_digest + json.dumps(values, sort_keys=True, default=str)
 
 

@@ -103,6 +103,9 @@ class TrainConfig:
     # learned, so a model trained this way learns less of them. 0: the plain mean.
     loss_trim: float = 0.0
     augment: bool = True  # pad-4 random crop + horizontal flip
+    # False: crop only. For classes that are mirror images of each other (GTSRB: keep left/right, turn left/right
+    # ahead, ...) a flip turns one class's image into the other's while keeping its label.
+    flip: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA: autocast to bf16 (fp16 + grad scaling where bf16 is missing)
@@ -364,27 +367,28 @@ class TensorData:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def batch(self, idx: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None,
-              pad: int = 4) -> torch.Tensor:
+              pad: int = 4, flip: bool = True) -> torch.Tensor:
         """Images `idx` (int64 tensor on self.device) as a normalised float32 (B, C, H, W) channels_last batch,
-        augmented with a random pad-`pad` crop and a horizontal flip when `augment` (draws from `generator`,
-        a CPU generator, so a seed gives the same batches on every device)."""
+        augmented with a random pad-`pad` crop and (when `flip`) a horizontal flip when `augment` (draws from
+        `generator`, a CPU generator, so a seed gives the same batches on every device)."""
         # Measured (batch 256, 2 threads): index_select 0.03 ms vs 0.34 ms for x[idx]; addcmul on NHWC with a
         # (C,) scale 0.57 ms vs 2.2 ms for in-place mul/add with a (1,C,1,1) scale on the channels_last view.
         # Whole batch: 0.6 ms plain, 1.7 ms augmented (a training step of the small CNN is ~60 ms).
         if not augment:
             x = self._nhwc.index_select(0, idx)
         else:
-            x = self._augmented(idx, generator, pad)
+            x = self._augmented(idx, generator, pad, flip)
         x = torch.addcmul(self._shift, x, self._scale)  # uint8 -> float32, normalised, (B, H, W, C)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W) view with channels_last strides
 
-    def _augmented(self, idx: torch.Tensor, generator: torch.Generator | None, pad: int) -> torch.Tensor:
+    def _augmented(self, idx: torch.Tensor, generator: torch.Generator | None, pad: int,
+                   allow_flip: bool = True) -> torch.Tensor:
         """Crop + flip as one gather: sample b's output pixel (i, j) comes from source pixel
         (i + dy_b, j' + dx_b) with j' = W-1-j when b is flipped, else j; a source outside the image is black."""
         b = len(idx)
         n, h, w, c = self._nhwc.shape
         shifts = torch.randint(-pad, pad + 1, (2, b), generator=generator)
-        flip = torch.randint(0, 2, (b,), generator=generator).bool()
+        flip = torch.randint(0, 2, (b,), generator=generator).bool() & allow_flip  # drawn either way: same stream
         shifts, flip = shifts.to(self.device), flip.to(self.device)
         ar_h = torch.arange(h, device=self.device)
         ar_w = torch.arange(w, device=self.device)
@@ -510,8 +514,8 @@ def fit(data: TensorData, config: TrainConfig, indices: np.ndarray | None = None
                 order = idx_all[torch.randperm(n, generator=generator).to(data.device)]
                 for s in range(steps_per_epoch):
                     batch_idx = order[s * bs: (s + 1) * bs]
-                    x = data.batch(batch_idx, augment=config.augment, generator=generator).to(device,
-                                                                                              non_blocking=True)
+                    x = data.batch(batch_idx, augment=config.augment, generator=generator,
+                                   flip=config.flip).to(device, non_blocking=True)
                     y = data.labels[batch_idx].to(device, non_blocking=True)
                     lr = lr_at(step, total_steps, config)
                     for group in optimizer.param_groups:

@@ -583,14 +583,16 @@ def test_the_trimmed_loss_reaches_the_refinement_only_and_reuses_the_learners(pl
     assert trims[:-2] and set(trims[:-2]) == {0.0} and trims[-2:] == [0.2, 0.2]  # learners train untrimmed
 
 
-def test_learner_checkpoints_from_before_loss_trim_existed_keep_their_fingerprint():
-    # Saved fingerprints predate TrainConfig.loss_trim: at its default it must not enter the string, or every
-    # saved learner would be retrained; a trimmed learner training is another fingerprint.
+@pytest.mark.parametrize("key,other", [("loss_trim", 0.1), ("flip", False)])
+def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerprint(key, other):
+    # Saved fingerprints predate TrainConfig.loss_trim and .flip: at its default neither may enter the string, or
+    # every saved learner would be retrained; a learner trained another way is another fingerprint.
     plain = ispl.learner_fingerprint(tiny_config(), "digest")
-    assert "loss_trim" not in plain
-    trimmed = tiny_config()
-    trimmed.learner_train = dataclasses.replace(trimmed.learner_train, loss_trim=0.1)
-    assert ispl.learner_fingerprint(trimmed, "digest") != plain
+    assert key not in plain
+    changed = tiny_config()
+    changed.learner_train = dataclasses.replace(changed.learner_train, **{key: other})
+    assert ispl.learner_fingerprint(changed, "digest") != plain
+    assert ispl.learner_fingerprint(tiny_config(refinement_loss_trim=0.1), "digest") == plain
     assert ispl.learner_fingerprint(tiny_config(refinement_loss_trim=0.1), "digest") == plain
 
 

@@ -213,6 +213,28 @@ def reference_crop_flip(images_nhwc, idx, dy, dx, flip, pad=4):
     return np.stack(out)
 
 
+def test_augmentation_without_flip_crops_only_and_draws_the_same_shifts():
+    images, labels = quadrant_task(n=40, size=12)
+    data = TensorData(images, labels, mean=[0, 0, 0], std=[1 / 255] * 3)
+    idx = torch.arange(40)
+    got = data.batch(idx, augment=True, generator=torch.Generator().manual_seed(7), flip=False)
+    gen = torch.Generator().manual_seed(7)
+    shifts = torch.randint(-4, 5, (2, 40), generator=gen).numpy()
+    flip = torch.randint(0, 2, (40,), generator=gen).bool().numpy()
+    assert flip.any()  # the same draws would have mirrored some of these images
+    expected = reference_crop_flip(images, np.arange(40), shifts[0], shifts[1], np.zeros(40, bool))
+    np.testing.assert_array_equal(got.permute(0, 2, 3, 1).round().to(torch.uint8).numpy(), expected)
+
+
+def test_fit_passes_flip_to_the_batches(quadrants, monkeypatch):
+    data, _ = quadrants
+    seen = []
+    real = TensorData.batch
+    monkeypatch.setattr(TensorData, "batch", lambda self, *a, **k: seen.append(k.get("flip")) or real(self, *a, **k))
+    fit(data, TrainConfig(**{**FAST, "epochs": 1, "flip": False}), progress=False)
+    assert seen and not any(seen)
+
+
 def test_augmentation_is_crop_then_flip_with_black_padding():
     images, labels = quadrant_task(n=40, size=12)
     data = TensorData(images, labels, mean=[0, 0, 0], std=[1 / 255] * 3)  # normalised value == pixel value
