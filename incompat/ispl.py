@@ -648,7 +648,7 @@ def anomalous_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int, thres
 
     z is the signed root of the likelihood-ratio statistic of C[t,s] out of C[t,s] + C[s,t] against the fitted
     share exp(u_t - u_s) / (1 + exp(u_t - u_s)). The Wald z of the log ratio it replaces has a variance term
-    1 / (C[s,t] + 0.5) that caps it below sqrt(2) * log(2 C[t,s] + 1) when the transposed cell is empty, which is
+    1 / (C[s,t] + 0.5) that caps it below log(2 C[t,s] + 1) / sqrt(2) when the transposed cell is empty, which is
     what a poisoning looks like: 211 samples against 0 scored 4.3 and was never flagged at z_min 5 (full GTSRB,
     13->33 pattern 10%); this z is 15.9 there."""
     n = len(labels)
