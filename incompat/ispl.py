@@ -258,7 +258,7 @@ AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "r
 
 
 # learner_train keys added after checkpoints existed, with the default that behaves as before them.
-LATER_TRAIN_KEYS = {"loss_trim": 0.0, "flip": True}
+LATER_TRAIN_KEYS = {"loss_trim": 0.0, "flip": True, "flip_pairs": ()}
 
 
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:

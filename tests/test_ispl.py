@@ -583,16 +583,21 @@ def test_the_trimmed_loss_reaches_the_refinement_only_and_reuses_the_learners(pl
     assert trims[:-2] and set(trims[:-2]) == {0.0} and trims[-2:] == [0.2, 0.2]  # learners train untrimmed
 
 
-@pytest.mark.parametrize("key,other", [("loss_trim", 0.1), ("flip", False)])
+@pytest.mark.parametrize("key,other", [("loss_trim", 0.1), ("flip", False), ("flip_pairs", ((0, 1),))])
 def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerprint(key, other):
-    # Saved fingerprints predate TrainConfig.loss_trim and .flip: at its default neither may enter the string, or
-    # every saved learner would be retrained; a learner trained another way is another fingerprint.
-    plain = ispl.learner_fingerprint(tiny_config(), "digest")
+    # Saved fingerprints predate TrainConfig.loss_trim, .flip and .flip_pairs: at its default none may enter the
+    # string, or every saved learner would be retrained; a learner trained another way is another fingerprint.
+    def augmented(**overrides):  # flip_pairs needs augmentation on
+        cfg = tiny_config(**overrides)
+        cfg.learner_train = dataclasses.replace(cfg.learner_train, augment=True)
+        return cfg
+
+    plain = ispl.learner_fingerprint(augmented(), "digest")
     assert key not in plain
-    changed = tiny_config()
+    changed = augmented()
     changed.learner_train = dataclasses.replace(changed.learner_train, **{key: other})
     assert ispl.learner_fingerprint(changed, "digest") != plain
-    assert ispl.learner_fingerprint(tiny_config(refinement_loss_trim=0.1), "digest") == plain
+    assert ispl.learner_fingerprint(augmented(refinement_loss_trim=0.1), "digest") == plain
 
 
 def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):

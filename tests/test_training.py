@@ -229,10 +229,65 @@ def test_augmentation_without_flip_crops_only_and_draws_the_same_shifts():
 def test_fit_passes_flip_to_the_batches(quadrants, monkeypatch):
     data, _ = quadrants
     seen = []
-    real = TensorData.batch
-    monkeypatch.setattr(TensorData, "batch", lambda self, *a, **k: seen.append(k.get("flip")) or real(self, *a, **k))
+    real = TensorData.augmented_batch
+    monkeypatch.setattr(TensorData, "augmented_batch",
+                        lambda self, *a, **k: seen.append(k.get("flip")) or real(self, *a, **k))
     fit(data, TrainConfig(**{**FAST, "epochs": 1, "flip": False}), progress=False)
     assert seen and not any(seen)
+
+
+def test_augmented_batch_reports_which_samples_it_mirrored():
+    images, labels = quadrant_task(n=40, size=12)
+    data = TensorData(images, labels, mean=[0, 0, 0], std=[1 / 255] * 3)
+    x, flipped = data.augmented_batch(torch.arange(40), torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    shifts = torch.randint(-4, 5, (2, 40), generator=gen).numpy()
+    flip = torch.randint(0, 2, (40,), generator=gen).bool().numpy()
+    np.testing.assert_array_equal(flipped.numpy(), flip)
+    expected = reference_crop_flip(images, np.arange(40), shifts[0], shifts[1], flip)
+    np.testing.assert_array_equal(x.permute(0, 2, 3, 1).round().to(torch.uint8).numpy(), expected)
+    _, none = data.augmented_batch(torch.arange(40), torch.Generator().manual_seed(7), flip=False)
+    assert flip.any() and not none.any()
+
+
+def left_bright(n, seed, size=16):
+    """Noise with a bright left half: not its own mirror image."""
+    images = np.random.default_rng(seed).integers(0, 90, size=(n, size, size, 3), dtype=np.uint8)
+    images[:, :, :size // 2] += 150
+    return images
+
+
+def test_flip_pairs_train_a_flipped_image_as_its_mirror_class():
+    # Every training image is class 0 with a bright left half. With flips and no pairs the model learns that a
+    # bright right half is class 0 too; with the pair (0, 1) a flipped image is trained as class 1, so the model
+    # tells the two apart, as it must for keep-left and keep-right signs.
+    data = TensorData(left_bright(128, 0), np.zeros(128, np.int64), num_classes=2)
+    test = left_bright(64, 1)
+    mirrored = np.ascontiguousarray(test[:, :, ::-1])
+
+    def predicted(images, model):
+        return predict(model, TensorData(images, np.zeros(len(images), np.int64), mean=data.mean, std=data.std,
+                                         num_classes=2))
+
+    plain = fit(data, TrainConfig(**FAST), progress=False)
+    paired = fit(data, TrainConfig(**{**FAST, "flip_pairs": ((0, 1),)}), progress=False)
+    assert (predicted(test, plain) == 0).all() and (predicted(mirrored, plain) == 0).all()
+    assert (predicted(test, paired) == 0).mean() >= 0.9 and (predicted(mirrored, paired) == 1).mean() >= 0.9
+
+
+def test_flip_pairs_from_yaml_and_their_errors():
+    cfg = TrainConfig.from_dict({"flip_pairs": [[38, 39], [19, 20]]})  # as params.yaml gives them
+    assert cfg.flip_pairs == ((38, 39), (19, 20)) and cfg.to_dict()["flip_pairs"] == [[38, 39], [19, 20]]
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, words in [([[3, 3]], "two different class labels"), ([[0, 1], [1, 2]], "one pair only"),
+                       ([[0, 1, 2]], "pairs"), ([[0, "a"]], "pairs"), ([[-1, 2]], ">= 0"), ([[0, True]], "pairs")]:
+        with pytest.raises(ValueError, match=words):
+            TrainConfig.from_dict({"flip_pairs": bad})
+    with pytest.raises(ValueError, match="needs augment and flip"):
+        TrainConfig.from_dict({"flip_pairs": [[0, 1]], "flip": False})
+    data = TensorData(left_bright(40, 0), np.zeros(40, np.int64), num_classes=2)
+    with pytest.raises(ValueError, match=r"class\(es\) \[5\], but the data has 2 classes"):
+        fit(data, TrainConfig(**{**FAST, "epochs": 1, "flip_pairs": ((0, 5),)}), progress=False)
 
 
 def test_augmentation_is_crop_then_flip_with_black_padding():
