@@ -103,6 +103,10 @@ class DefenseConfig:
     vote_threshold: float = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
     refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
     refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
+    # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set the
+    # judges train on. A small class the first 3-epoch judges have not learned yet scores low, drops out of their
+    # training set, and is then never learned: on full GTSRB whole classes of 210-360 images were removed.
+    refinement_class_floor: float = 0.0
     refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
     # The refinement model's TrainConfig.loss_trim (the paper: 0): poisons the vote let through stay among each
     # batch's highest losses, so the judge learns less of their labels and still calls the other poisons wrong.
@@ -158,6 +162,12 @@ class DefenseConfig:
                     0 < self.refinement_threshold <= self.refinement_train_threshold <= 1):
                 raise ValueError("defense.refinement_judge 'outside' needs 0 < refinement_threshold <= "
                                  "refinement_train_threshold <= 1 (a sample trained on must also be kept)")
+        if not 0 <= self.refinement_class_floor <= 1:
+            raise ValueError("defense.refinement_class_floor must be a fraction in [0, 1], "
+                             f"got {self.refinement_class_floor!r}")
+        if self.refinement_class_floor > 0 and self.refinement_folds < 2:
+            raise ValueError("defense.refinement_class_floor applies to the cross-fitted refinement only "
+                             "(refinement_folds >= 2)")
         if not 0 <= self.refinement_loss_trim < 1:
             raise ValueError("defense.refinement_loss_trim must be a fraction in [0, 1), "
                              f"got {self.refinement_loss_trim!r}")
@@ -253,8 +263,8 @@ def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int,
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
-                  "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "anomaly_ratio",
-                  "anomaly_threshold", "anomaly_z")
+                  "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "refinement_class_floor",
+                  "anomaly_ratio", "anomaly_threshold", "anomaly_z")
 
 
 # learner_train keys added after checkpoints existed, with the default that behaves as before them.
@@ -503,7 +513,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
         spent_before, start = meter.seconds, time.monotonic()  # its time covers all work up to that round
-        trusted = _trusted(cfg, keep, correct)
+        trusted = _trusted(cfg, keep, correct, labels)
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
@@ -524,7 +534,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                                                   dim=1).numpy()
                     correct[judged] = probs[judged, labels[judged]]
                 keep = cross_fit_keep(probs, labels, n_classes, cfg)
-                trusted = _trusted(cfg, keep, correct)
+                trusted = _trusted(cfg, keep, correct, labels)
             else:
                 preds = predict(models[0], data, meter=meter)
                 if correct is None:
@@ -547,7 +557,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 (1 - cfg.refinement_decay) * judged_probs + cfg.refinement_decay * probs)
             correct = probs[np.arange(n), labels].astype(np.float64)
             keep = cross_fit_keep(probs, labels, n_classes, cfg)
-            trusted = _trusted(cfg, keep, correct)
+            trusted = _trusted(cfg, keep, correct, labels)
         if not keep.any():
             raise DefenseError(f"refinement round {it} kept none of the {n} samples: the refinement model "
                                "predicts no label correctly; train it longer (refinement_epochs)")
@@ -713,11 +723,20 @@ def _refinement_train(cfg: DefenseConfig, *round_and_fold: int) -> TrainConfig:
                                seed=derive_seed(cfg.seed, 3, *round_and_fold))
 
 
-def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """The samples the next cross-fitted round trains on."""
-    if cfg.refinement_train_threshold is None:
-        return keep
-    return keep & (correct >= cfg.refinement_train_threshold)
+def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The samples the next cross-fitted round trains on: kept with p(label) >= refinement_train_threshold, and
+    at least refinement_class_floor of every class (its highest p(label) first)."""
+    trusted = keep if cfg.refinement_train_threshold is None else keep & (correct >= cfg.refinement_train_threshold)
+    if cfg.refinement_class_floor > 0:
+        trusted = trusted.copy()
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            short = int(np.ceil(cfg.refinement_class_floor * len(members))) - int(trusted[members].sum())
+            if short > 0:
+                candidates = members[~trusted[members]]
+                best = candidates[np.argsort(-correct[candidates], kind="stable")[:short]]
+                trusted[best] = True
+    return trusted
 
 
 def predict_probabilities(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:

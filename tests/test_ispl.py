@@ -285,10 +285,27 @@ def test_paper_defaults_leave_the_options_off():
                                  {"refinement_judge": "outside"},  # no threshold to join the trusted set
                                  {"refinement_judge": "outside", "refinement_train_threshold": 0.1,
                                   "refinement_threshold": 0.3},  # kept would not cover trained-on
-                                 {"refinement_loss_trim": 1.0}, {"refinement_loss_trim": -0.1}])
+                                 {"refinement_loss_trim": 1.0}, {"refinement_loss_trim": -0.1},
+                                 {"refinement_folds": 2, "refinement_class_floor": 1.5},
+                                 {"refinement_folds": 2, "refinement_class_floor": -0.1},
+                                 {"refinement_class_floor": 0.5}])  # the floor is for cross-fitted judges only
 def test_bad_option_values_are_refused(bad):
     with pytest.raises(ValueError):
         DefenseConfig.from_dict(bad)
+
+
+def test_class_floor_keeps_each_class_in_the_judges_training_set():
+    labels = np.repeat([0, 1, 2], 10)
+    correct = np.tile(np.linspace(0.0, 0.09, 10), 3)  # every sample under the train threshold
+    correct[10:20] = np.linspace(0.2, 0.9, 10)  # class 1: all above it
+    keep = np.ones(30, bool)
+    keep[20:] = False  # class 2: removed outright
+    plain = ispl._trusted(crossfit_config(refinement_train_threshold=0.1), keep, correct, labels)
+    assert plain.tolist() == [False] * 10 + [True] * 10 + [False] * 10  # classes 0 and 2 would vanish
+    floored = ispl._trusted(crossfit_config(refinement_train_threshold=0.1, refinement_class_floor=0.35), keep,
+                            correct, labels)
+    # ceil(0.35 * 10) = 4 of each class, the highest p(label) first, kept or not; class 1 needs none added.
+    assert np.flatnonzero(floored).tolist() == [6, 7, 8, 9] + list(range(10, 20)) + [26, 27, 28, 29]
 
 
 def test_held_out_probabilities_ignore_the_learner_that_trained_on_the_sample():
@@ -598,6 +615,7 @@ def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerpr
     changed.learner_train = dataclasses.replace(changed.learner_train, **{key: other})
     assert ispl.learner_fingerprint(changed, "digest") != plain
     assert ispl.learner_fingerprint(augmented(refinement_loss_trim=0.1), "digest") == plain
+    assert ispl.learner_fingerprint(augmented(refinement_folds=2, refinement_class_floor=0.5), "digest") == plain
 
 
 def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):

@@ -114,13 +114,13 @@ def test_subset_training_sees_only_the_given_indices(quadrants, monkeypatch):
     data, labels = quadrants
     subset = np.flatnonzero(labels < 2)
     seen = []
-    real_batch = TensorData.batch
+    real_batch = TensorData.augmented_batch  # FAST trains with augmentation
 
     def spy(self, idx, *args, **kwargs):
         seen.append(idx.cpu().numpy().copy())
         return real_batch(self, idx, *args, **kwargs)
 
-    monkeypatch.setattr(TensorData, "batch", spy)
+    monkeypatch.setattr(TensorData, "augmented_batch", spy)
     meter = ComputeMeter()
     model = fit(data, TrainConfig(**FAST), indices=subset, meter=meter, progress=False)
     trained_on = np.concatenate(seen)
