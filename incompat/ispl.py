@@ -103,8 +103,8 @@ class DefenseConfig:
     vote_threshold: float = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
     refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
     refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
-    # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set the
-    # judges train on. A small class the first 3-epoch judges have not learned yet scores low, drops out of their
+    # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set each
+    # judge trains on (from the second round: the first trains on the vote's keep). A small class the first 3-epoch judges have not learned yet scores low, drops out of their
     # training set, and is then never learned: on full GTSRB whole classes of 210-360 images were removed.
     refinement_class_floor: float = 0.0
     refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
@@ -513,7 +513,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
         spent_before, start = meter.seconds, time.monotonic()  # its time covers all work up to that round
-        trusted = _trusted(cfg, keep, correct, labels)
+        trusted = _trusted(cfg, keep, correct)
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
@@ -534,7 +534,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                                                   dim=1).numpy()
                     correct[judged] = probs[judged, labels[judged]]
                 keep = cross_fit_keep(probs, labels, n_classes, cfg)
-                trusted = _trusted(cfg, keep, correct, labels)
+                trusted = _trusted(cfg, keep, correct)
             else:
                 preds = predict(models[0], data, meter=meter)
                 if correct is None:
@@ -544,7 +544,9 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         else:
             judged_probs = np.zeros((n, n_classes), dtype=np.float32)
             for f in range(folds):
-                train_idx = np.flatnonzero(trusted & (fold_of != f))
+                outside = fold_of != f
+                train_idx = np.flatnonzero(_class_floor(cfg.refinement_class_floor, trusted & outside, correct,
+                                                        labels, outside))
                 if len(train_idx) == 0:
                     raise DefenseError(f"refinement round {it}: fold {f} has no trusted sample to train on")
                 models[f], _ = _fit_with_retries(data, _refinement_train(cfg, it, f), train_idx, cfg, meter,
@@ -557,7 +559,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 (1 - cfg.refinement_decay) * judged_probs + cfg.refinement_decay * probs)
             correct = probs[np.arange(n), labels].astype(np.float64)
             keep = cross_fit_keep(probs, labels, n_classes, cfg)
-            trusted = _trusted(cfg, keep, correct, labels)
+            trusted = _trusted(cfg, keep, correct)
         if not keep.any():
             raise DefenseError(f"refinement round {it} kept none of the {n} samples: the refinement model "
                                "predicts no label correctly; train it longer (refinement_epochs)")
@@ -723,20 +725,27 @@ def _refinement_train(cfg: DefenseConfig, *round_and_fold: int) -> TrainConfig:
                                seed=derive_seed(cfg.seed, 3, *round_and_fold))
 
 
-def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The samples the next cross-fitted round trains on: kept with p(label) >= refinement_train_threshold, and
-    at least refinement_class_floor of every class (its highest p(label) first)."""
-    trusted = keep if cfg.refinement_train_threshold is None else keep & (correct >= cfg.refinement_train_threshold)
-    if cfg.refinement_class_floor > 0:
-        trusted = trusted.copy()
-        for c in np.unique(labels):
-            members = np.flatnonzero(labels == c)
-            short = int(np.ceil(cfg.refinement_class_floor * len(members))) - int(trusted[members].sum())
-            if short > 0:
-                candidates = members[~trusted[members]]
-                best = candidates[np.argsort(-correct[candidates], kind="stable")[:short]]
-                trusted[best] = True
-    return trusted
+def _trusted(cfg: DefenseConfig, keep: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """The samples the next cross-fitted round trains on (before the class floor)."""
+    if cfg.refinement_train_threshold is None:
+        return keep
+    return keep & (correct >= cfg.refinement_train_threshold)
+
+
+def _class_floor(fraction: float, chosen: np.ndarray, correct: np.ndarray | None, labels: np.ndarray,
+                 pool: np.ndarray) -> np.ndarray:
+    """`chosen` (a subset of `pool`) with, for every class, at least `fraction` of the class's samples in `pool`:
+    the highest p(label) (`correct`) of those not chosen yet are added."""
+    if fraction <= 0 or correct is None:
+        return chosen
+    chosen = chosen.copy()
+    for c in np.unique(labels[pool]):
+        members = np.flatnonzero(pool & (labels == c))
+        short = int(np.ceil(fraction * len(members))) - int(chosen[members].sum())
+        if short > 0:
+            candidates = members[~chosen[members]]
+            chosen[candidates[np.argsort(-correct[candidates], kind="stable")[:short]]] = True
+    return chosen
 
 
 def predict_probabilities(model: torch.nn.Module, data: TensorData, meter: ComputeMeter) -> np.ndarray:

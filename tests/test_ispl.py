@@ -300,12 +300,44 @@ def test_class_floor_keeps_each_class_in_the_judges_training_set():
     correct[10:20] = np.linspace(0.2, 0.9, 10)  # class 1: all above it
     keep = np.ones(30, bool)
     keep[20:] = False  # class 2: removed outright
-    plain = ispl._trusted(crossfit_config(refinement_train_threshold=0.1), keep, correct, labels)
-    assert plain.tolist() == [False] * 10 + [True] * 10 + [False] * 10  # classes 0 and 2 would vanish
-    floored = ispl._trusted(crossfit_config(refinement_train_threshold=0.1, refinement_class_floor=0.35), keep,
-                            correct, labels)
+    trusted = ispl._trusted(crossfit_config(refinement_train_threshold=0.1), keep, correct)
+    assert trusted.tolist() == [False] * 10 + [True] * 10 + [False] * 10  # classes 0 and 2 would vanish
+    everywhere = np.ones(30, bool)
+    floored = ispl._class_floor(0.35, trusted, correct, labels, everywhere)
     # ceil(0.35 * 10) = 4 of each class, the highest p(label) first, kept or not; class 1 needs none added.
     assert np.flatnonzero(floored).tolist() == [6, 7, 8, 9] + list(range(10, 20)) + [26, 27, 28, 29]
+    # Within a fold's pool (here the even samples) the floor counts and picks only the pool's samples.
+    pool = np.arange(30) % 2 == 0
+    in_pool = ispl._class_floor(0.35, trusted & pool, correct, labels, pool)
+    assert np.flatnonzero(in_pool).tolist() == [6, 8] + [10, 12, 14, 16, 18] + [26, 28]
+    assert ispl._class_floor(0.0, trusted, correct, labels, everywhere) is trusted
+
+
+def test_the_judges_train_on_every_class_with_a_floor(monkeypatch):
+    # A class of 10 images among 320: the first judges, trained on few of them, tend to score them low (this
+    # seed: every one of them ends up removed without a floor). With the floor each judge's training set holds
+    # its share of that class in every round.
+    full = make_imageset(n_per_class=80, n_classes=5, size=15, seed=3)
+    idx = np.concatenate([np.flatnonzero(full.labels < 4), np.flatnonzero(full.labels == 4)[:10]])
+    images, labels = full.images[idx], full.labels[idx]
+    trained: dict[str, np.ndarray] = {}
+    real = ispl._fit_with_retries
+
+    def spy(data, train_cfg, indices, cfg, meter, what, **kwargs):
+        trained[what] = np.asarray(indices).copy()
+        return real(data, train_cfg, indices, cfg, meter, what, **kwargs)
+
+    monkeypatch.setattr(ispl, "_fit_with_retries", spy)
+    result = run_defense(images, labels, 5, crossfit_config(boost=2, refinement_rounds=3, refinement_class_floor=0.5))
+    judges = {what: ix for what, ix in trained.items() if what.startswith("refinement round")}
+    assert len(judges) == 6
+    for what, ix in judges.items():
+        if not what.startswith("refinement round 0"):  # round 0 trains on the vote's keep, before any floor
+            # fold f trains on the floor's 5 (or more) trusted rare images outside fold f: about half of them.
+            assert (labels[ix] == 4).sum() >= 1, what
+    both = np.concatenate([judges["refinement round 2 fold 0"], judges["refinement round 2 fold 1"]])
+    assert (labels[np.unique(both)] == 4).sum() >= 5
+    assert result.keep_mask[labels < 4].mean() >= 0.9
 
 
 def test_held_out_probabilities_ignore_the_learner_that_trained_on_the_sample():
