@@ -20,7 +20,10 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         trusted samples outside fold f and judges fold f, so a verdict never comes from a model
                         that trained on the sample (no memorisation needed to keep a hard clean image). The EMA
                         is then of the judged probability vector; kept where p(label) >= refinement_threshold;
-                        the next round trains on kept samples with p(label) >= refinement_train_threshold.
+                        the next round trains on kept samples with p(label) >= refinement_train_threshold,
+                        and (refinement_class_floor) on at least that share of every class in its pool, the
+                        class's highest p(label) first, so that a class the first judges have not learned yet
+                        is not dropped from their training and then removed whole.
   outside judging       (refinement_judge="outside") one refinement model trains on the trusted samples (the
                         vote's keep at first) and judges only the samples outside them; a judged sample with
                         p(label) >= refinement_train_threshold joins the trusted set for the next round, and the
