@@ -107,8 +107,9 @@ class DefenseConfig:
     refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
     refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
     # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set each
-    # judge trains on (from the second round: the first trains on the vote's keep). A small class the first 3-epoch judges have not learned yet scores low, drops out of their
-    # training set, and is then never learned: on full GTSRB whole classes of 210-360 images were removed.
+    # judge trains on (from the second round: the first trains on the vote's keep). A small class the first
+    # 3-epoch judges have not learned yet scores low, drops out of their training set, and is then never learned:
+    # on full GTSRB whole classes of 210-360 images were removed.
     refinement_class_floor: float = 0.0
     refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
     # The refinement model's TrainConfig.loss_trim (the paper: 0): poisons the vote let through stay among each

@@ -104,7 +104,8 @@ class TrainConfig:
     loss_trim: float = 0.0
     augment: bool = True  # pad-4 random crop + horizontal flip
     # False: crop only. For classes that are mirror images of each other (GTSRB: keep left/right, turn left/right
-    # ahead, ...) a flip turns one class's image into the other's while keeping its label.
+    # ahead, ...) a flip turns one class's image into the other's while keeping its label (flip_pairs relabels
+    # those instead).
     flip: bool = True
     # Classes that are each other's mirror image, as (a, b) label pairs: a flipped image of class a is trained
     # as class b and the other way round, so flips stay on for every class without teaching a model that a
