@@ -185,7 +185,8 @@ def main() -> None:
                 if scenario_dir is not None:
                     ckdir = scenario_dir / args.profile
                     digest = train.dataset_digest()  # learners of other data in that folder are discarded
-                result = run_defense(train.images, train.labels, train.n_classes, params.defense,
+                result = run_defense(train.images, train.labels, train.n_classes,
+                                     params.defense.for_classes(train.class_names),
                                      checkpoint_dir=ckdir, progress=args.progress, fingerprint=digest)
                 defense_seconds = result.wall_seconds  # includes the time of any checkpointed work it reused
                 if ckdir is not None:

@@ -32,7 +32,7 @@ def train_and_evaluate(train: ImageSet, test: ImageSet, cfg: TrainConfig, indice
 
     Normalisation statistics come from the training images, so the test sets reuse them."""
     data = TensorData(train.images, train.labels, num_classes=train.n_classes)
-    model = fit(data, cfg, indices=indices, meter=meter, progress=progress)
+    model = fit(data, cfg.for_classes(train.class_names), indices=indices, meter=meter, progress=progress)
     return evaluate(model, data, test, test_triggered, target, len(train) if indices is None else len(indices))
 
 

@@ -56,7 +56,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +142,12 @@ class DefenseConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_classes(self, class_names: Sequence[str]) -> "DefenseConfig":
+        """This config with the classes its learners' flip_pairs name turned into labels (TrainConfig.for_classes):
+        a name and its label give the same learners, and the same checkpoints."""
+        train = self.learner_train.for_classes(class_names)
+        return self if train is self.learner_train else dataclasses.replace(self, learner_train=train)
 
     def validate(self) -> None:
         if self.bags < 1 or self.boost < 1:

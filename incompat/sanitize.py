@@ -91,6 +91,7 @@ def cluster(dataset: ImageSet, cfg: DefenseConfig, *, truth_mask: np.ndarray | N
             observe=None) -> tuple[DefenseResult, list[dict], str]:
     """Run ISPL+B; returns the result, the per-round events (with poison still kept when a truth mask is given:
     the defense itself never sees it) and the dataset digest the checkpoints are keyed by."""
+    cfg = cfg.for_classes(dataset.class_names)
     recorder = RoundRecorder(truth_mask, forward=observe)
     source_digest = dataset.dataset_digest()  # hashes every sample: once, for the checkpoints and the metrics
     result = run_defense(dataset.images, dataset.labels, dataset.n_classes, cfg, checkpoint_dir=checkpoint_dir,

@@ -342,8 +342,9 @@ def run_retrain(layout: Layout, params: Params, progress: bool = False, before: 
         train = read_dataset(train_path)
         data = TensorData(train.images, train.labels, num_classes=train.n_classes)
         meter, t0 = ComputeMeter(), time.monotonic()
-        model = fit(data, params.train, meter=meter, progress=progress)
-        save_model(model, model_path, params.train, train.n_classes, data.image_shape[0], data.mean, data.std)
+        train_cfg = params.train.for_classes(train.class_names)
+        model = fit(data, train_cfg, meter=meter, progress=progress)
+        save_model(model, model_path, train_cfg, train.n_classes, data.image_shape[0], data.mean, data.std)
         summary[f"train_seconds_{name}"] = time.monotonic() - t0
         summary[f"train_size_{name}"] = len(train)
         inputs.append(lineage.reference(f"train_{name}", train_path, layout.models))

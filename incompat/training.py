@@ -40,6 +40,7 @@ Side by side: two 1-thread processes trained at 1,944 + 2,208 img/s while one 2-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import os
@@ -107,10 +108,12 @@ class TrainConfig:
     # ahead, ...) a flip turns one class's image into the other's while keeping its label (flip_pairs relabels
     # those instead).
     flip: bool = True
-    # Classes that are each other's mirror image, as (a, b) label pairs: a flipped image of class a is trained
-    # as class b and the other way round, so flips stay on for every class without teaching a model that a
-    # keep-left sign is a keep-right one. Labels outside the pairs keep their label when flipped.
-    flip_pairs: tuple[tuple[int, int], ...] = ()
+    # Classes that are each other's mirror image, as (a, b) pairs: a flipped image of class a is trained as
+    # class b and the other way round, so flips stay on for every class without teaching a model that a
+    # keep-left sign is a keep-right one. Labels outside the pairs keep their label when flipped. A class is
+    # named by its label or by its name in the dataset (["keep right", "keep left"]); names are turned into
+    # labels by for_classes() once the dataset is known, so one params.yaml line survives a relabelled dataset.
+    flip_pairs: tuple[tuple[int | str, int | str], ...] = ()
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA: autocast to bf16 (fp16 + grad scaling where bf16 is missing)
@@ -162,11 +165,10 @@ class TrainConfig:
             raise bad(f"loss_trim must be a fraction in [0, 1), got {self.loss_trim!r}")
         pairs = self.flip_pairs
         if not isinstance(pairs, tuple) or not all(
-                isinstance(p, tuple) and len(p) == 2 and all(isinstance(c, int) and not isinstance(c, bool)
-                                                             and c >= 0 for c in p) and p[0] != p[1]
+                isinstance(p, tuple) and len(p) == 2 and all(_is_class_ref(c) for c in p) and p[0] != p[1]
                 for p in pairs):
-            raise bad(f"flip_pairs must be a list of [a, b] pairs of two different class labels >= 0, got "
-                      f"{pairs!r}")
+            raise bad(f"flip_pairs must be a list of [a, b] pairs of two different classes, each a label >= 0 "
+                      f"or a class name, got {pairs!r}")
         seen = [c for p in pairs for c in p]
         if len(seen) != len(set(seen)):
             raise bad(f"flip_pairs: a class can be in one pair only, got {[list(p) for p in pairs]}")
@@ -194,6 +196,33 @@ class TrainConfig:
         d["milestones"] = list(self.milestones)
         d["flip_pairs"] = [list(p) for p in self.flip_pairs]
         return d
+
+    def for_classes(self, class_names: Sequence[str]) -> "TrainConfig":
+        """This config with every class named in flip_pairs turned into its label in `class_names` (itself when
+        nothing is named). An unknown name is an error that lists the closest of the dataset's names."""
+        if not any(isinstance(c, str) for p in self.flip_pairs for c in p):
+            return self
+        names = [str(n) for n in class_names]
+        position = {n: i for i, n in enumerate(names)}
+
+        def label(c: int | str) -> int:
+            if not isinstance(c, str):
+                return c
+            if c not in position:
+                close = difflib.get_close_matches(c, names, n=3, cutoff=0.5)
+                hint = f"; closest: {close}" if close else f"; the {len(names)} classes: {names}"
+                raise ValueError(f"train config: flip_pairs names the class {c!r}, which the dataset does not "
+                                 f"have{hint}")
+            return position[c]
+
+        return dataclasses.replace(self, flip_pairs=tuple((label(a), label(b)) for a, b in self.flip_pairs))
+
+
+def _is_class_ref(c: object) -> bool:
+    """A class label (an int >= 0) or a class name (a non-empty string)."""
+    if isinstance(c, str):
+        return c.strip() != ""
+    return isinstance(c, int) and not isinstance(c, bool) and c >= 0
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -488,6 +517,10 @@ def _mirror_labels(pairs: tuple[tuple[int, int], ...], num_classes: int,
     """label -> the label of its flipped image (itself outside `pairs`); None when there are no pairs."""
     if not pairs:
         return None
+    named = [c for p in pairs for c in p if isinstance(c, str)]
+    if named:
+        raise ValueError(f"train config: flip_pairs names classes {named}; turn the names into labels with "
+                         f"TrainConfig.for_classes(the dataset's class_names) before training")
     beyond = sorted(c for p in pairs for c in p if c >= num_classes)
     if beyond:
         raise ValueError(f"train config: flip_pairs name class(es) {beyond}, but the data has {num_classes} "

@@ -650,6 +650,33 @@ def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerpr
     assert ispl.learner_fingerprint(augmented(refinement_folds=2, refinement_class_floor=0.5), "digest") == plain
 
 
+def test_flip_pairs_named_by_class_train_the_learners_of_their_labels(planted, tmp_path, monkeypatch):
+    from incompat.sanitize import sanitize
+
+    _, poisoned, mask = planted
+
+    def paired(*pair):
+        cfg = tiny_config(boost=1)
+        cfg.learner_train = dataclasses.replace(cfg.learner_train, augment=True, flip_pairs=(pair,))
+        return cfg
+
+    named, labelled = paired("class2", "class3"), paired(2, 3)
+    assert ispl.learner_fingerprint(named.for_classes(poisoned.class_names), "d") == \
+        ispl.learner_fingerprint(labelled, "d")
+    # A name the dataset lacks stops the run before anything is written.
+    with pytest.raises(ValueError, match=r"'class9'.*closest: \['class"):
+        sanitize(poisoned, paired("class2", "class9"), tmp_path / "bad", checkpoint_dir=tmp_path / "ck")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "ck").exists()
+
+    first, _ = sanitize(poisoned, named, tmp_path / "named", truth_mask=mask, checkpoint_dir=tmp_path / "ck")
+    trained = []
+    original = ispl.weak_learner
+    monkeypatch.setattr(ispl, "weak_learner", lambda *a, **k: trained.append(1) or original(*a, **k))
+    again, _ = sanitize(poisoned, labelled, tmp_path / "labelled", truth_mask=mask, checkpoint_dir=tmp_path / "ck")
+    assert trained == []  # the labels found the learners the names trained
+    assert np.array_equal(first.keep_mask, again.keep_mask)
+
+
 def test_checkpoints_from_before_the_meter_moved_still_count_their_compute(planted, tmp_path):
     # Older checkpoint folders kept the meter in meter.json, written after each learner, and none in the learners.
     _, poisoned, _ = planted

@@ -279,8 +279,10 @@ def test_flip_pairs_from_yaml_and_their_errors():
     cfg = TrainConfig.from_dict({"flip_pairs": [[38, 39], [19, 20]]})  # as params.yaml gives them
     assert cfg.flip_pairs == ((38, 39), (19, 20)) and cfg.to_dict()["flip_pairs"] == [[38, 39], [19, 20]]
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    for bad, words in [([[3, 3]], "two different class labels"), ([[0, 1], [1, 2]], "one pair only"),
-                       ([[0, 1, 2]], "pairs"), ([[0, "a"]], "pairs"), ([[-1, 2]], ">= 0"), ([[0, True]], "pairs")]:
+    for bad, words in [([[3, 3]], "two different classes"), ([[0, 1], [1, 2]], "one pair only"),
+                       ([[0, 1, 2]], "pairs"), ([[0, " "]], "class name"), ([[-1, 2]], ">= 0"),
+                       ([[0, True]], "pairs"), ([[0, 1.0]], "pairs"), ([["keep left", "keep left"]], "different"),
+                       ([["a", "b"], ["b", "c"]], "one pair only")]:
         with pytest.raises(ValueError, match=words):
             TrainConfig.from_dict({"flip_pairs": bad})
     with pytest.raises(ValueError, match="needs augment and flip"):
@@ -288,6 +290,41 @@ def test_flip_pairs_from_yaml_and_their_errors():
     data = TensorData(left_bright(40, 0), np.zeros(40, np.int64), num_classes=2)
     with pytest.raises(ValueError, match=r"class\(es\) \[5\], but the data has 2 classes"):
         fit(data, TrainConfig(**{**FAST, "epochs": 1, "flip_pairs": ((0, 5),)}), progress=False)
+
+
+def test_flip_pairs_by_class_name():
+    names = ["speed limit 20", "keep right", "keep left", "turn right ahead", "turn left ahead"]
+    cfg = TrainConfig.from_dict({"flip_pairs": [["keep right", "keep left"], [3, "turn left ahead"]]})
+    assert cfg.to_dict()["flip_pairs"] == [["keep right", "keep left"], [3, "turn left ahead"]]
+    resolved = cfg.for_classes(names)
+    assert resolved.flip_pairs == ((1, 2), (3, 4)) and resolved == TrainConfig(flip_pairs=((1, 2), (3, 4)))
+    assert cfg.flip_pairs == (("keep right", "keep left"), (3, "turn left ahead"))  # the original is untouched
+    labels_only = TrainConfig(flip_pairs=((1, 2),))
+    assert labels_only.for_classes(names) is labels_only
+    with pytest.raises(ValueError, match=r"'keep lef'.*closest: \['keep left'"):
+        TrainConfig(flip_pairs=(("keep right", "keep lef"),)).for_classes(names)
+    with pytest.raises(ValueError, match=r"'stop'.*the 5 classes"):
+        TrainConfig(flip_pairs=(("keep right", "stop"),)).for_classes(names)
+    # Two names of one class resolve to one label twice: caught as the pair of one class it is.
+    with pytest.raises(ValueError, match="two different classes"):
+        TrainConfig(flip_pairs=((1, "keep right"),)).for_classes(names)
+    # Training with names left in would have to guess the labels: refused before any step.
+    data = TensorData(left_bright(40, 0), np.zeros(40, np.int64), num_classes=2)
+    with pytest.raises(ValueError, match=r"names classes \['b'\].*for_classes"):
+        fit(data, TrainConfig(**{**FAST, "epochs": 1, "flip_pairs": ((0, "b"),)}), progress=False)
+
+
+def test_final_training_reads_flip_pairs_by_class_name():
+    from incompat.evaluation import train_and_evaluate
+    from tests.conftest import make_imageset
+
+    train, test = make_imageset(n_per_class=20, size=12, seed=1), make_imageset(n_per_class=10, size=12, seed=2)
+    named = train_and_evaluate(train, test, TrainConfig(**{**FAST, "flip_pairs": (("class0", "class2"),)}))
+    labelled = train_and_evaluate(train, test, TrainConfig(**{**FAST, "flip_pairs": ((0, 2),)}))
+    for a, b in zip(named.model.state_dict().values(), labelled.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="'class5'"):
+        train_and_evaluate(train, test, TrainConfig(**{**FAST, "flip_pairs": (("class0", "class5"),)}))
 
 
 def test_augmentation_is_crop_then_flip_with_black_padding():
