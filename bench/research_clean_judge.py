@@ -13,6 +13,11 @@ fold, and judges its fold:
 and prints the poison recall with the ranking cut at 1%, 5% and 10% of the clean images removed. If `clean`
 falls short of the target, no choice of what to trust reaches it with this model and training length.
 
+Then the same judgments through the anomalous-cell test (`incompat.ispl.cross_fit_keep` with the profile given
+by `--cell-profile`, cpu_crossfit by default): the keep rule's recall / clean removed, and the ranking with the
+samples of flagged cells first. This asks whether a rule that looks for one over-filled (label, predicted) cell
+gets past the p(label) bound. `--save FILE.npz` keeps the judged probabilities for more offline rules.
+
   .venv/bin/python bench/research_clean_judge.py --scenario paper:100:17 --epochs 6
 """
 
@@ -32,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from incompat.config import load_params  # noqa: E402
+from incompat.ispl import anomalous_cells, cross_fit_keep  # noqa: E402
 from incompat.training import TensorData, fit, predict_logits  # noqa: E402
 from research_ceiling import recall_at  # noqa: E402
 from research_ispl import load  # noqa: E402
@@ -48,10 +54,13 @@ def main() -> None:
     ap.add_argument("--flip", action="store_true", help="also average each judge's p over the mirrored image")
     ap.add_argument("--loss-trim", type=float, default=0.0, help="the judge's TrainConfig.loss_trim")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cell-profile", default="cpu_crossfit", help="the profile whose keep rule is applied")
+    ap.add_argument("--save", type=Path, default=None, help="write the judged probabilities (and truth) here")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_params(args.params, profile=args.profile).defense
+    rule = load_params(args.params, profile=args.cell_profile).defense
     train, poison, scenario = load(args.dataset, args.subset, args.scenario)
     labels = np.asarray(train.labels, dtype=np.int64)
     n = len(labels)
@@ -61,7 +70,9 @@ def main() -> None:
                                     loss_trim=args.loss_trim)
     print(f"# {scenario.name}: {n} samples, {int(poison.sum())} poisons; judge {train_cfg.model}, "
           f"{args.epochs} epochs, loss_trim {args.loss_trim}, 2 folds")
-    print(f"{'judge':12} {'acc(clean)':>10} {'@1%':>7} {'@5%':>7} {'@10%':>7} {'seconds':>8}")
+    print(f"{'judge':12} {'acc(clean)':>10} {'@1%':>7} {'@5%':>7} {'@10%':>7} {'seconds':>8}   "
+          f"{args.cell_profile}'s keep rule: recall / clean removed, flagged cells; cells-first ranking @1/5/10%")
+    saved = {"labels": labels, "poison": poison}
     for kind in args.judges.split(","):
         t0 = time.monotonic()
         probs = np.zeros((n, train.n_classes))
@@ -82,8 +93,20 @@ def main() -> None:
             p_label = p[np.arange(n), labels]
             accuracy = float((p.argmax(1) == labels)[~poison].mean())
             r1, r5, r10 = recall_at(1.0 - p_label, poison)
-            print(f"{name:12} {accuracy:10.1%} {r1:7.1%} {r5:7.1%} {r10:7.1%} {time.monotonic() - t0:8.0f}",
-                  flush=True)
+            removed = ~cross_fit_keep(p, labels, train.n_classes, rule)
+            cells = anomalous_cells(p, labels, train.n_classes, rule.anomaly_threshold, rule.anomaly_ratio,
+                                    rule.anomaly_z) if rule.anomaly_ratio > 0 else np.zeros((1, 1), bool)
+            other = p.copy()
+            other[np.arange(n), labels] = -1.0
+            in_cell = cells[labels, other.argmax(1)] if cells.shape[0] > 1 else np.zeros(n, bool)
+            c1, c5, c10 = recall_at(1.0 - p_label + in_cell * (p_label < rule.anomaly_threshold), poison)
+            flagged = [f"{t}<-{s}" for t, s in zip(*np.nonzero(cells))]
+            print(f"{name:12} {accuracy:10.1%} {r1:7.1%} {r5:7.1%} {r10:7.1%} {time.monotonic() - t0:8.0f}   "
+                  f"{removed[poison].mean():.1%} / {removed[~poison].mean():.2%}, {flagged}; "
+                  f"{c1:.1%} {c5:.1%} {c10:.1%}", flush=True)
+            saved[name] = p.astype(np.float32)
+    if args.save:
+        np.savez_compressed(args.save, **saved)
 
 
 if __name__ == "__main__":
