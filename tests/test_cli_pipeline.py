@@ -82,6 +82,11 @@ def test_sanitize_cli_writes_outputs(project, capsys, mlflow_store):
 
 def test_pipeline_runs_end_to_end(project, capsys, monkeypatch, mlflow_store):
     monkeypatch.chdir(project)
+    # Mirror pairs named by class for the final training: the retrain step must turn them into labels (fit
+    # refuses names). The defense's side is tested in test_ispl (its tiny learners train without augmentation).
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["flip_pairs"] = [["class0", "class1"]]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     rc = main(["pipeline", "--params", "params.yaml", "--data-dir", "data"])
     assert rc == 0
     out = capsys.readouterr().out
