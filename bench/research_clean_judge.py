@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from incompat.config import load_params  # noqa: E402
-from incompat.ispl import anomalous_cells, cross_fit_keep  # noqa: E402
+from incompat.ispl import cross_fit_keep, flagged_cells  # noqa: E402
 from incompat.training import TensorData, fit, predict_logits  # noqa: E402
 from research_ceiling import recall_at  # noqa: E402
 from research_ispl import load  # noqa: E402
@@ -94,13 +94,7 @@ def main() -> None:
             accuracy = float((p.argmax(1) == labels)[~poison].mean())
             r1, r5, r10 = recall_at(1.0 - p_label, poison)
             removed = ~cross_fit_keep(p, labels, train.n_classes, rule)
-            cells = np.zeros((train.n_classes, train.n_classes), bool)
-            if rule.anomaly_ratio > 0:
-                cells = anomalous_cells(p, labels, train.n_classes, rule.anomaly_threshold, rule.anomaly_ratio,
-                                        rule.anomaly_z)
-            other = p.copy()
-            other[np.arange(n), labels] = -1.0
-            in_cell = cells[labels, other.argmax(1)]
+            cells, in_cell = flagged_cells(p, labels, train.n_classes, rule)
             c1, c5, c10 = recall_at(1.0 - p_label + in_cell * (p_label < rule.anomaly_threshold), poison)
             flagged = [f"{t}<-{s}" for t, s in zip(*np.nonzero(cells))]
             print(f"{name:12} {accuracy:10.1%} {r1:7.1%} {r5:7.1%} {r10:7.1%} {time.monotonic() - t0:8.0f}   "

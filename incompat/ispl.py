@@ -624,7 +624,6 @@ def cell_enrichment(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np
     """Per sample, in [0, 1]: the ratio C[label, other] / C[other, label] of its cell, divided by the largest
     ratio in its label's row. `other` is the sample's most probable class besides its label; C counts the samples
     whose most probable class is not their label, by (label, predicted), with +1 smoothing."""
-    n = len(labels)
     predicted = probs.argmax(axis=1)
     wrong = predicted != labels
     counts = np.zeros((n_classes, n_classes))
@@ -633,9 +632,14 @@ def cell_enrichment(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> np
     np.fill_diagonal(ratio, 0.0)
     row_max = ratio.max(axis=1, keepdims=True)
     ratio = ratio / np.where(row_max > 0, row_max, 1.0)
+    return ratio[labels, most_probable_other(probs, labels)]
+
+
+def most_probable_other(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per sample, its most probable class besides its label: the cell a low p(label) puts it in."""
     others = probs.astype(np.float64, copy=True)
-    others[np.arange(n), labels] = -np.inf
-    return ratio[labels, others.argmax(axis=1)]
+    others[np.arange(len(labels)), labels] = -np.inf
+    return others.argmax(axis=1)
 
 
 def held_out_probabilities(learners: list[LearnerRecord]) -> np.ndarray:
@@ -675,9 +679,7 @@ def anomalous_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int, thres
     13->33 pattern 10%); this z is 15.9 there."""
     n = len(labels)
     score = probs[np.arange(n), labels]
-    other = probs.copy()
-    other[np.arange(n), labels] = -1.0
-    predicted = other.argmax(axis=1)
+    predicted = most_probable_other(probs, labels)
     low = score < threshold
     counts = np.zeros((n_classes, n_classes))
     np.add.at(counts, (labels[low], predicted[low]), 1)
@@ -716,17 +718,22 @@ def _binomial_z(x: float, m: float, share: float) -> float:
 def cross_fit_keep(probs: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DefenseConfig) -> np.ndarray:
     """Keep where the judged p(label) >= refinement_threshold, except samples of an anomalous cell scoring below
     anomaly_threshold."""
-    n = len(labels)
-    score = probs[np.arange(n), labels]
+    score = probs[np.arange(len(labels)), labels]
     keep = score >= cfg.refinement_threshold
+    _, in_cell = flagged_cells(probs, labels, n_classes, cfg)
+    return keep & ~(in_cell & (score < cfg.anomaly_threshold))
+
+
+def flagged_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int,
+                  cfg: DefenseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The anomalous (label, predicted) cells under cfg's test (none when anomaly_ratio is 0), and per sample
+    whether its (label, most probable other class) cell is one of them."""
+    cells = np.zeros((n_classes, n_classes), dtype=bool)
     if cfg.anomaly_ratio > 0:
         cells = anomalous_cells(probs, labels, n_classes, cfg.anomaly_threshold, cfg.anomaly_ratio, cfg.anomaly_z)
-        if cells.any():
-            other = probs.copy()
-            other[np.arange(n), labels] = -1.0
-            in_cell = cells[labels, other.argmax(axis=1)]
-            keep &= ~(in_cell & (score < cfg.anomaly_threshold))
-    return keep
+    if not cells.any():
+        return cells, np.zeros(len(labels), dtype=bool)
+    return cells, cells[labels, most_probable_other(probs, labels)]
 
 
 def _refinement_train(cfg: DefenseConfig, *round_and_fold: int) -> TrainConfig:
