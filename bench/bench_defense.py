@@ -1,8 +1,10 @@
 """End-to-end defense benchmark: poison -> defend -> retrain on what is kept -> evaluate.
 
 Methods per scenario: none (train on everything), oracle (train on the truly clean set), ispl (ISPL+B with the
-chosen profile), spectral (spectral signatures), ac (activation clustering). The baselines read the features of
-the `none` model, as in their papers. Prints a table and appends rows to a CSV as each method finishes, so a
+chosen profile), spectral (spectral signatures), ac (activation clustering), spectre (robust whitening + QUantum
+Entropy scores). The baselines read the features of the `none` model, as in their papers. A method's attack is
+`neutralised` when its targeted misclassification after retraining is at most max(1%, the oracle's + 0.5 points)
+(the oracle must run first in the same invocation); `learned` marks scenarios whose undefended model has TMR >= 10%. Prints a table and appends rows to a CSV as each method finishes, so a
 long run that is stopped keeps what it measured.
 
   .venv/bin/python bench/bench_defense.py --dataset cifar10 --scenarios paper:100:0-23
@@ -31,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from incompat.attacks import Scenario, Trigger, parse_scenario_spec, poison, triggered_test  # noqa: E402
-from incompat.baselines import activation_clustering, spectral_signatures  # noqa: E402
+from incompat.baselines import activation_clustering, spectral_signatures, spectre  # noqa: E402
 from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.data import read_dataset  # noqa: E402
 from incompat.evaluation import train_and_evaluate  # noqa: E402
 from incompat.ispl import run_defense  # noqa: E402
-from incompat.metrics import detection_confusion  # noqa: E402
+from incompat.metrics import attack_neutralised, detection_confusion  # noqa: E402
 from incompat.readers import ingest, subsample_stratified  # noqa: E402
 from incompat.training import TensorData, cpu_has_native_bf16, extract_features, resolve_device  # noqa: E402
 
@@ -50,8 +52,16 @@ GTSRB_SCENARIOS = [
 
 FIELDS = ["dataset", "n_train", "scenario", "method", "poison_total", "poison_removed", "clean_removed",
           "clean_removed_pct", "recall_pct", "asr_before", "asr_after", "tmr_before", "tmr_after", "acc_before",
-          "acc_after",
+          "acc_after", "learned", "neutralised",
           "defense_seconds", "epoch_equivalents", "retrain_seconds"]
+LEARNED_TMR = 10.0  # percent: the undefended model's TMR from which an attack counts as learned (issue 23)
+
+
+def neutralised(tmr_after: float | None, oracle_tmr: float | None) -> int | None:
+    """1/0 from incompat.metrics.attack_neutralised on the rows' percentages; None without both figures."""
+    if tmr_after is None or oracle_tmr is None:
+        return None
+    return int(attack_neutralised(tmr_after / 100, oracle_tmr / 100))
 
 
 def load_split(name: str, split: str, cache: Path):
@@ -86,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="cifar10", choices=["cifar10", "gtsrb"])
     ap.add_argument("--scenarios", default="paper:100:0-23")
-    ap.add_argument("--methods", default="none,oracle,ispl,spectral,ac")
+    ap.add_argument("--methods", default="none,oracle,ispl,spectral,ac,spectre")
     ap.add_argument("--subset", type=int, default=None, help="stratified subset of the training set")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="defense override key=value")
@@ -143,6 +153,7 @@ def main() -> None:
             base = {"dataset": args.dataset, "n_train": len(train), "scenario": scenario.name,
                     "poison_total": int(poison_mask.sum())}
             before = None
+            oracle_tmr = None
 
             def retrain(indices, even_if_detect_only=False):
                 if args.detect_only and not even_if_detect_only:
@@ -154,16 +165,19 @@ def main() -> None:
 
             def record(method, removed, ev, seconds, defense_seconds=0.0, cost=0.0):
                 conf = detection_confusion(removed, poison_mask)
+                tmr_after = None if ev is None else round(100 * ev.targeted_misclassification, 2)
+                tmr_before = None if before is None else round(100 * before.targeted_misclassification, 2)
                 row = {**base, "method": method, "poison_removed": conf["poison_removed"],
                        "clean_removed": conf["clean_removed"],
                        "clean_removed_pct": round(100 * conf["clean_removed_fraction"], 2),
                        "recall_pct": round(100 * conf["recall"], 2),
                        "asr_before": None if before is None else round(100 * before.attack_success_rate, 2),
                        "asr_after": None if ev is None else round(100 * ev.attack_success_rate, 2),
-                       "tmr_before": None if before is None else round(100 * before.targeted_misclassification, 2),
-                       "tmr_after": None if ev is None else round(100 * ev.targeted_misclassification, 2),
+                       "tmr_before": tmr_before, "tmr_after": tmr_after,
                        "acc_before": None if before is None else round(100 * before.clean_accuracy, 2),
                        "acc_after": None if ev is None else round(100 * ev.clean_accuracy, 2),
+                       "learned": None if tmr_before is None else int(tmr_before >= LEARNED_TMR),
+                       "neutralised": neutralised(tmr_after, oracle_tmr),
                        "defense_seconds": round(defense_seconds, 1), "epoch_equivalents": round(cost, 2),
                        "retrain_seconds": None if seconds is None else round(seconds, 1)}
                 rows.append(row)
@@ -174,11 +188,12 @@ def main() -> None:
             nothing = np.zeros(len(train), dtype=bool)
             scenario_dir = (args.checkpoints / f"{args.dataset}-{args.subset or 'full'}" / scenario.name
                             if args.checkpoints else None)
-            if "none" in methods or "spectral" in methods or "ac" in methods:
+            if any(m in methods for m in ("none", "spectral", "ac", "spectre")):
                 before, secs = retrain(None, even_if_detect_only=True)  # the baselines read its features
                 record("none", nothing, before, secs)
             if "oracle" in methods:
                 ev, secs = retrain(np.flatnonzero(~poison_mask))
+                oracle_tmr = None if ev is None else round(100 * ev.targeted_misclassification, 2)
                 record("oracle", poison_mask, ev, secs)
             if "ispl" in methods:
                 ckdir, digest = None, ""
@@ -195,12 +210,13 @@ def main() -> None:
                 ev, secs = retrain(np.flatnonzero(result.keep_mask))
                 record("ispl", ~result.keep_mask, ev, secs, defense_seconds,
                        result.meter.epoch_equivalents(len(train)))
-            if before is not None and ("spectral" in methods or "ac" in methods):
+            if before is not None and any(m in methods for m in ("spectral", "ac", "spectre")):
                 t0 = time.monotonic()
                 feats = extract_features(before.model, TensorData(train.images, train.labels))
                 feat_seconds = time.monotonic() - t0
                 removed_by = {}
-                for method, detect in (("spectral", spectral_signatures), ("ac", activation_clustering)):
+                for method, detect in (("spectral", spectral_signatures), ("ac", activation_clustering),
+                                       ("spectre", spectre)):
                     if method not in methods:
                         continue
                     t0 = time.monotonic()
@@ -239,8 +255,12 @@ def print_summary(rows: list[dict]) -> None:
         retrained = [r for r in sel if r["asr_after"] is not None]
         med = lambda k, rs=sel: float(np.median([r[k] for r in rs])) if rs else None  # noqa: E731
         asr_ok = sum(r["asr_after"] <= 1.0 for r in retrained)
+        judged = [r for r in sel if r["neutralised"] is not None]
+        learned = [r for r in judged if r["learned"]]
         print(f"{method:8} n={len(sel):2} recall {med('recall_pct'):6.2f}% clean-removed "
               f"{med('clean_removed_pct'):5.2f}% ASR<=1%: {asr_ok}/{len(retrained)} "
+              f"neutralised {sum(r['neutralised'] for r in judged)}/{len(judged)} "
+              f"(learned attacks {sum(r['neutralised'] for r in learned)}/{len(learned)}) "
               f"acc {_figure(med('acc_after', retrained))} "
               f"defense {med('defense_seconds'):7.1f}s cost {med('epoch_equivalents'):6.2f} ep-eq")
 

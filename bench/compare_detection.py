@@ -30,7 +30,7 @@ from incompat.ispl import vote_keep  # noqa: E402
 from incompat.metrics import detection_confusion  # noqa: E402
 from research_ceiling import load_learners, recall_at  # noqa: E402
 
-BASELINES = ("spectral", "ac")
+BASELINES = ("spectral", "ac", "spectre")
 TARGET_CLEAN = 0.05  # the budget: recall >= 99% with at most 5% of the clean images removed
 
 

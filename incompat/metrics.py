@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["clean_accuracy", "attack_success_rate", "targeted_misclassification", "detection_confusion"]
+__all__ = ["clean_accuracy", "attack_success_rate", "targeted_misclassification", "attack_neutralised",
+           "detection_confusion"]
 
 
 def _nonempty_1d(values, what: str) -> np.ndarray:
@@ -68,6 +69,16 @@ def targeted_misclassification(preds_clean, preds_triggered, labels, target: int
     if not correct.any():
         return 0.0
     return float((triggered[correct] == int(target)).mean())
+
+
+def attack_neutralised(tmr_after: float, oracle_tmr: float) -> bool:
+    """The paper's success criterion for one scenario, with the model's own floor: the targeted misclassification
+    after the defense is at most 1%, or at most half a point above the oracle's (trained on the truly clean set), so
+    a small model whose natural confusion of the pair is above 1% can still pass. Both are fractions."""
+    for value, what in ((tmr_after, "tmr_after"), (oracle_tmr, "oracle_tmr")):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{what} must be a fraction in [0, 1], got {value}")
+    return float(tmr_after) <= max(0.01, float(oracle_tmr) + 0.005) + 1e-12
 
 
 def detection_confusion(removed_mask, poison_mask) -> dict:

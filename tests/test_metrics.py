@@ -73,3 +73,14 @@ def test_length_mismatch_is_refused():
         clean_accuracy([1, 2], [1])
     with pytest.raises(ValueError, match="length mismatch"):
         detection_confusion([True], [True, False])
+
+
+def test_attack_neutralised_uses_one_percent_or_the_oracle_floor():
+    from incompat.metrics import attack_neutralised
+
+    assert attack_neutralised(0.01, 0.0)  # at the 1% line
+    assert not attack_neutralised(0.0101, 0.0)
+    assert attack_neutralised(0.035, 0.03)  # a model that confuses the pair 3% of the time by itself
+    assert not attack_neutralised(0.036, 0.03)
+    with pytest.raises(ValueError, match="tmr_after"):
+        attack_neutralised(3.5, 0.03)  # a percentage passed as a fraction
