@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="defense override key=value")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "results" / "cache",
+                    help="ingested datasets (<dataset>-<split>.parquet), made from ../shared/data when missing")
     ap.add_argument("--csv", default=str(ROOT / "bench" / "results" / "defense.csv"))
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--checkpoints", type=Path, default=None,
@@ -123,7 +125,7 @@ def main() -> None:
         overrides.setdefault("learner_train", {})["threads"] = args.threads
     params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
     train_cfg = params.train if not args.threads else dataclasses.replace(params.train, threads=args.threads)
-    cache = ROOT / "bench" / "results" / "cache"
+    cache = args.cache
     train_full = load_split(args.dataset, "train", cache)
     test = load_split(args.dataset, "test", cache)
     train_base = subsample_stratified(train_full, args.subset, seed=0) if args.subset else train_full
