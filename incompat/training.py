@@ -600,9 +600,6 @@ def fit(data: TensorData, config: TrainConfig, indices: np.ndarray | None = None
         use_scaler = device.type == "cuda" and autocast_dtype(device, config.amp) == torch.float16
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         autocast = autocast_for(device, config.amp, config.cpu_bf16)
-        if device.type == "cuda":
-            # Fixed batch shapes: let cuDNN time its convolution algorithms once per shape and keep the fastest.
-            torch.backends.cudnn.benchmark = True
 
         generator = torch.Generator().manual_seed(config.seed)
         idx_all = torch.from_numpy(idx_np).to(data.device)
