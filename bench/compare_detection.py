@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.ispl import vote_keep  # noqa: E402
 from incompat.metrics import detection_confusion  # noqa: E402
-from research_ceiling import load_learners, recall_at  # noqa: E402
+from ranking import load_learners, recall_at  # noqa: E402
 
 BASELINES = ("spectral", "ac", "spectre")
 TARGET_CLEAN = 0.05  # the budget: recall >= 99% with at most 5% of the clean images removed

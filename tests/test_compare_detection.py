@@ -48,7 +48,7 @@ def test_recall_at_the_targets_budget_and_at_the_baselines(tmp_path):
 
 def test_the_cut_stops_at_the_last_clean_image_within_the_budget(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    from research_ceiling import recall_at
+    from ranking import recall_at
 
     # ranking: P C P P C P ... (4 poisons, 10 clean); a budget of 1 clean image reaches the third poison
     poison = np.array([1, 0, 1, 1, 0, 1] + [0] * 8, dtype=bool)

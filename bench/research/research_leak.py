@@ -14,7 +14,7 @@ and prints the poison recall of each ranking cut at 1%, 5% and 10% of the clean 
 mask removes. The gap between the two lines is what the leaked poisons cost; the gap between no-leak and the
 `clean` judge of `research_clean_judge.py` is what training on the learners' easy samples costs.
 
-  .venv/bin/python bench/research_leak.py bench/results/checkpoints --scenarios paper:100:17,paper:100:0
+  .venv/bin/python bench/research/research_leak.py bench/results/checkpoints --scenarios paper:100:17,paper:100:0
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "research"))
 
 from incompat import ispl  # noqa: E402
 from incompat.config import load_params, parse_overrides  # noqa: E402

@@ -3,7 +3,7 @@ run) are split in two; a model trained on one half plus a random sample of non-s
 Poisons share a trigger, so they make each other fittable; hard clean suspects are idiosyncratic. Prints the
 separation (ground truth only for printing).
 
-  .venv/bin/python bench/research_suspects.py --subset 10000 --scenario paper:100:7 --ckpt 2d81cbedf5
+  .venv/bin/python bench/research/research_suspects.py --subset 10000 --scenario paper:100:7 --ckpt 2d81cbedf5
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "research"))
 
 from research_ispl import load  # noqa: E402
 from incompat.training import ComputeMeter, TensorData, TrainConfig, fit, predict_logits  # noqa: E402

@@ -1,7 +1,7 @@
 """Research harness for the cpu profile: run ISPL weak learners once (checkpointed), then score variants of the
 vote offline against the ground truth. Prints diagnostics; never part of the tests.
 
-  OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/research_ispl.py --subset 10000 --scenario paper:100:2
+  OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/research/research_ispl.py --subset 10000 --scenario paper:100:2
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from incompat.attacks import parse_scenario_spec, poison  # noqa: E402

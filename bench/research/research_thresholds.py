@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "research"))
 from research_ispl import load  # noqa: E402
 from incompat.ispl import DefenseConfig, cross_fit_keep, anomalous_cells  # noqa: E402
 

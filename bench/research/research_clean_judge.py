@@ -18,7 +18,7 @@ by `--cell-profile`, cpu_crossfit by default): the keep rule's recall / clean re
 samples of flagged cells first. This asks whether a rule that looks for one over-filled (label, predicted) cell
 gets past the p(label) bound. `--save FILE.npz` keeps the judged probabilities for more offline rules.
 
-  .venv/bin/python bench/research_clean_judge.py --scenario paper:100:17 --epochs 6
+  .venv/bin/python bench/research/research_clean_judge.py --scenario paper:100:17 --epochs 6
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "research"))
 
 from incompat.config import load_params  # noqa: E402
 from incompat.ispl import cross_fit_keep, flagged_cells  # noqa: E402
