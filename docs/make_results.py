@@ -154,6 +154,13 @@ CPU has native bf16. On the AVX2 machine glibc mapped and unmapped the 33.5 MB a
 `incompat.training.tune_allocator` keeps them in the heap (`INCOMPAT_TUNE_MALLOC=0` turns it off).""",
     },
     {
+        "title": "Design choices and the figures behind them",
+        "csv": "choices.csv",
+        "before": """\
+The code says why it does what it does; the measurements that chose each setting are here, so they can be dated
+and rerun instead of going stale in a comment.""",
+    },
+    {
         "title": "What was tried and did not work",
         "csv": "tried.csv",
         "before": """\
