@@ -175,15 +175,26 @@ def cmd_evaluate(args) -> int:
 def cmd_lineage(args) -> int:
     from incompat import lineage
 
-    check = lineage.verify(args.path)
-    record = lineage.read_json(check.record)
+    check = lineage.verify(args.path, roots=args.root)
+    record = lineage.read_json(check.record)  # verify has checked every key read below
+    if check.authenticated:
+        scope = (f"integrity and authenticity: the record's HMAC under ${lineage.KEY_ENV} matches, its digests "
+                 "match the files it names, and its datasets carry its content digest")
+    else:
+        scope = ("integrity and internal consistency only, not authenticity: the record's digests match the files "
+                 "it names and its datasets carry its content digest, but whoever can rewrite the data and the "
+                 f"record together can make them agree (set ${lineage.KEY_ENV} when writing and checking to sign)")
     if args.json:
-        print(json.dumps({"record": str(check.record), "ok": check.ok, "checks": [c.__dict__ for c in check.checks],
+        print(json.dumps({"record": str(check.record), "ok": check.ok, "verified": scope,
+                          "authenticated": check.authenticated, "roots": [str(r) for r in check.roots],
+                          "checks": [c.__dict__ for c in check.checks],
+                          "record_digest": record.get("record_digest"),
                           "mlflow_run_id": record.get("mlflow_run_id"),
                           "prefect_flow_run_id": record.get("prefect_flow_run_id")}, indent=2))
     elif not args.quiet:
         code = record.get("code", {})
-        print(f"lineage of {check.record.parent} (recorded {record.get('created')})")
+        print(f"lineage of {check.record.parent} (recorded {record.get('created')}; "
+              f"record digest {record['record_digest'][:12]}...)")
         for line in lineage.describe(record):
             print("  " + line)
         if record.get("scenario"):
@@ -194,11 +205,12 @@ def cmd_lineage(args) -> int:
         print(f"  MLflow run {record.get('mlflow_run_id')}; Prefect flow run {record.get('prefect_flow_run_id')}")
         print(f"  removed per class: {record.get('removed_per_class')}")
         for c in check.checks:
-            print(f"  [{c.status:>7}] {c.role}: {c.path}" + (f" - {c.detail}" if c.detail else ""))
+            print(f"  [{c.status:>9}] {c.role}: {c.path}" + (f" - {c.detail}" if c.detail else ""))
+        print(f"  verified: {scope}" if check.ok else "  NOT verified: see the failures above")
     if not check.ok:
         bad = check.changed
-        print(f"incompat lineage: error: {len(bad)} file(s) changed after the fact: "
-              + "; ".join(f"{c.path} ({c.detail})" for c in bad), file=sys.stderr)
+        print(f"incompat lineage: error: {len(bad)} check(s) failed (changed after the fact, missing or unreadable): "
+              + "; ".join(f"{c.role}: {c.path} ({c.detail or c.status})" for c in bad), file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -406,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("lineage", "print where a cleaned dataset came from and verify every digest on the way",
             cmd_lineage)
     p.add_argument("path", help="lineage.json, its folder, or the cleaned dataset beside it")
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help="another folder the record's sources may be read from (default: the record's folder and "
+                        "the project holding it); repeatable")
 
     p = add("report", "write the HTML report of a sanitization run folder", cmd_report)
     p.add_argument("run_dir")

@@ -30,16 +30,35 @@ BATCH_SUFFIXES = {".parquet", ".npz"}
 
 def incoming_batches(incoming: str | None) -> list[str]:
     """A file is one batch; a folder holds one batch per entry (a .parquet/.npz file or a dataset folder),
-    taken in name order. Hidden entries and partial uploads (`*.tmp`, `*.part`) are ignored."""
+    taken in name order. Hidden entries and partial uploads (`*.tmp`, `*.part`) are ignored.
+
+    Only regular files and folders are batches, and an entry of a folder must resolve inside it: a FIFO would block
+    the reader forever, a link to /dev/zero never ends and a link out of the folder reads what was not dropped
+    there. Such an entry is an error naming it, before anything is read."""
+    import os
+    import stat
+
     if not incoming:
         return []
     path = Path(incoming)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise DataError(f"{incoming}: incoming location does not exist")
-    if path.is_file():
+    if stat.S_ISREG(lineage.check_regular(path, allow_dir=True).st_mode):
         return [str(path)]
-    return [str(p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
-            and p.suffix not in (".tmp", ".part") and (p.is_dir() or p.suffix in BATCH_SUFFIXES)]
+    root = path.resolve()
+    batches = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith(".") or entry.suffix in (".tmp", ".part"):
+            continue
+        if entry.suffix not in BATCH_SUFFIXES and not entry.is_dir():  # is_dir: stat only, never opens
+            continue
+        resolved = entry.resolve()
+        if not resolved.is_relative_to(root):
+            raise DataError(f"{entry}: resolves to {resolved}, outside the incoming folder {root}; refusing to "
+                            "read it")
+        lineage.check_regular(entry, allow_dir=True)  # names the entry as the user sees it
+        batches.append(str(entry))
+    return batches
 
 
 def version_key(source_digests: list[str], params, code: dict) -> str:

@@ -242,7 +242,8 @@ def run_filter(layout: Layout, params: Params, *, truth: Path | str | None = "la
     outputs = [lineage.reference("clean", layout.clean, layout.clean_dir, metrics["clean_digest"], "dataset"),
                lineage.reference("removed", layout.removed, layout.clean_dir, metrics["removed_digest"], "dataset")]
     record = build_lineage(layout, inputs, outputs, params, metrics, run_context or {})
-    write_text_atomic(layout.lineage, json.dumps(record, indent=2, default=str) + "\n")
+    # sealed, and its content digest written into both datasets' metadata: the data names the record it came with
+    lineage.write_record(layout.lineage, record, [layout.clean, layout.removed])
     return {**metrics, "outputs": outputs + [lineage.reference("lineage", layout.lineage, layout.clean_dir)]}
 
 
@@ -256,10 +257,11 @@ def build_lineage(layout: Layout, inputs: list[dict], outputs: list[dict], param
                   run_context: dict) -> dict:
     """The chain of manifests that produced the cleaned dataset, found by following digests backwards from the
     filter step's inputs; every path is made relative to the record, so a copied run folder still verifies."""
-    candidates = [lineage.read_json(p) for p in (layout.cluster_manifest, layout.poison_manifest,
-                                                  layout.ingest_manifest) if p.exists()]
+    manifest_paths = [p for p in (layout.cluster_manifest, layout.poison_manifest, layout.ingest_manifest)
+                      if p.exists()]
+    candidates = [lineage.read_json(p) for p in manifest_paths]
     producers = {ref["digest"]: m for m in candidates for ref in m["outputs"]}
-    filter_manifest = {"step": "filter", "created": lineage.now(), "code": lineage.code_version(),
+    filter_manifest = {"step": "filter", "code": lineage.engine_version(),
                        "params": {}, "inputs": inputs, "outputs": outputs,
                        "summary": {k: metrics[k] for k in ("n_samples", "n_kept", "n_removed") if k in metrics}}
     chain, todo, seen = [filter_manifest], list(inputs), set()
@@ -276,6 +278,10 @@ def build_lineage(layout: Layout, inputs: list[dict], outputs: list[dict], param
     for manifest in chain:
         for ref in manifest["inputs"] + manifest["outputs"]:
             ref["path"] = os.path.relpath(ref["abs"], base)
+    # the manifest files themselves, so that the record is chained to them as well as to the data they name
+    in_chain = {id(m) for m in chain}
+    manifests = [lineage.reference(m["step"], p, base, kind="file") for m, p in zip(candidates, manifest_paths)
+                 if id(m) in in_chain]
     scenario = next((m["params"].get("resolved") for m in chain if m["step"] == "poison"), None)
     ingest = next((m for m in chain if m["step"] == "ingest"), None)
     return {
@@ -294,6 +300,7 @@ def build_lineage(layout: Layout, inputs: list[dict], outputs: list[dict], param
         "n_skipped_at_ingest": ingest["summary"].get("n_skipped") if ingest else None,
         "n_duplicates_at_ingest": ingest["summary"].get("n_duplicates") if ingest else None,
         "chain": chain,
+        "manifests": manifests,
     }
 
 
