@@ -151,8 +151,11 @@ def test_results_md_is_what_the_csvs_give(tmp_path):
 @pytest.mark.parametrize("table", sorted(p.name for p in RESULTS_DIR.glob("*.csv")))
 def test_every_result_row_is_dated_and_reproducible(table):
     with open(RESULTS_DIR / table, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        records = list(csv.reader(fh))
+    header, rows = records[0], [dict(zip(records[0], record)) for record in records[1:]]
     assert rows, f"{table} has no rows"
+    ragged = [number for number, record in enumerate(records[1:], 2) if len(record) != len(header)]
+    assert not ragged, f"{table}: rows {ragged} do not have the header's {len(header)} fields (an unquoted comma?)"
     for number, row in enumerate(rows, 2):
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row.get("date") or ""), f"{table}:{number}: no date"
         assert row.get("command") or row.get("source"), f"{table}:{number}: neither a command nor a source"
