@@ -88,8 +88,40 @@ def _overrides(pairs: list[str]) -> dict:
         raise UsageError(str(exc)) from None
 
 
+def _check_params(args) -> None:
+    """The parameter file and every --set, checked before Prefect, MLflow or a server starts: a typo costs a
+    second, not a server start, and the error (a ConfigError: one line, exit 1) names the key or the flag."""
+    from incompat.config import load_params
+
+    load_params(args.params, profile=getattr(args, "profile", None),
+                defense_overrides=_overrides(getattr(args, "set", None) or []))
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the package version, and the git commit when run from a checkout (looked up only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import subprocess
+
+        from incompat import __version__
+
+        text = f"incompat {__version__}"
+        root = Path(__file__).resolve().parent.parent
+        if (root / ".git").exists():
+            try:
+                commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                        capture_output=True, text=True, timeout=5)
+                if commit.returncode == 0 and commit.stdout.strip():
+                    text += f" (git {commit.stdout.strip()})"
+            except (OSError, subprocess.SubprocessError):
+                pass
+        print(text)
+        parser.exit()
+
+
 def _flows(args) -> None:
     """Prefect's settings must be in place before Prefect is first imported."""
+    _check_params(args)
     from tasks.runtime import configure
 
     configure(verbose=args.debug)
@@ -334,6 +366,9 @@ EXAMPLES = {
 }
 
 
+PARAMS_HELP = "the parameter file (default params.yaml); a missing file is an error, not the built-in defaults"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -342,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="incompat", description="Find and remove backdoor-poisoned training "
                                      "samples by incompatibility clustering (ISPL+B).", parents=[common])
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="print the version (and the git commit of a checkout) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name, help_text, func):
@@ -374,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default=None, help="a test set: also write test_triggered.parquet")
 
     def add_params(p, data_dir=False):
-        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--params", default="params.yaml", help=PARAMS_HELP)
         p.add_argument("--profile", default=None, help="defense profile from params.yaml (default: defense.profile)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a defense parameter, e.g. --set boost=4 --set learner_train.epochs=2")
@@ -412,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--memory-limit", default=None, help="per local Dask worker")
     p.add_argument("--no-retrain", action="store_true", help="sanitize only (no before/after retraining)")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help=PARAMS_HELP)
     p.add_argument("--experiment", default="incompat")
 
     p = add("lineage", "print where a cleaned dataset came from and verify every digest on the way",
@@ -431,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("step", "run one pipeline step on the data/ layout (used by dvc.yaml)", cmd_step)
     p.add_argument("name", choices=["ingest", "poison", "cluster", "filter", "retrain", "evaluate", "report"])
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help=PARAMS_HELP)
     p.add_argument("--data-dir", default="data")
     return parser
 

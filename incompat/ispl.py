@@ -56,11 +56,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Literal, Sequence, get_args
 
+import annotated_types as at
 import numpy as np
 import torch
 
+from incompat.bounds import (Count, Finite, Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, Seed,
+                             check_declared)
 from incompat.files import atomic_output, write_text_atomic
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
                                predict, predict_logits)
@@ -72,54 +75,60 @@ class DefenseError(RuntimeError):
     """The defense cannot produce a trustworthy keep-mask (and says why)."""
 
 
-VOTE_RULES = ("plurality", "held_out")
-REFINEMENT_JUDGES = ("all", "outside")
+VoteRule = Literal["plurality", "held_out"]
+RefinementJudge = Literal["all", "outside"]
+VOTE_RULES = get_args(VoteRule)
+REFINEMENT_JUDGES = get_args(RefinementJudge)
 
 
 @dataclass
 class DefenseConfig:
     """Defaults are the paper's values (ResNet-32 on a GPU). Profiles in params.yaml override them."""
 
-    bags: int = 3
-    boost: int = 8  # alpha: learners (core sets) per bag
-    beta: float = 4.0  # each refit round trains on a random 1/beta of the kept set
-    data_fraction: float = 0.96  # the core sets of one bag cover this fraction of the data (0.96/alpha each)
-    min_active: float = 0.04  # stop a bag when the active set falls below this fraction (paper: 2000 of 50k)
-    loss_decay: float = 0.9  # EMA of per-sample losses across refit rounds
-    class_floor: float = 0.125  # per-class quantile = threshold * class_floor (paper: thresh / 8)
+    bags: Count = 3
+    boost: Count = 8  # alpha: learners (core sets) per bag
+    beta: Annotated[float, at.Ge(1), Finite] = 4.0  # each refit round trains on a random 1/beta of the kept set
+    # The core sets of one bag cover this fraction of the data (0.96/alpha each). Below 1% a core set is a handful of
+    # samples per class, and the vote keeps next to nothing.
+    data_fraction: Annotated[float, at.Interval(ge=0.01, le=1), Finite] = 0.96
+    # stop a bag when the active set falls below this fraction (paper: 2000 of 50k)
+    min_active: FractionBelowOne = 0.04
+    loss_decay: FractionBelowOne = 0.9  # EMA of per-sample losses across refit rounds
+    class_floor: Fraction = 0.125  # per-class quantile = threshold * class_floor (paper: thresh / 8)
     # True: a core set is exactly the per-class quantile (a cap as well as a floor), so it holds the same share of
     # every class. Without the cap an easy class can fill the first core set almost whole (77 of its 80 samples
     # in a 4-class test set), the later learners of the bag never see it, and the vote ("more than one learner
     # agrees") then removes the whole class.
     balanced_core: bool = False
-    warmup_epochs: int = 8
-    refit_epochs: int = 4
-    refit_rounds: int | None = None  # None = the paper's 2 + clip(1 // data_fraction_per_learner, 1, 3)
-    core_epochs: int = 40
-    vote_min_count: int = 2  # "more than one learner agrees"
-    refinement_rounds: int = 20
-    refinement_epochs: int = 5
-    refinement_decay: float = 0.8  # correct <- (1 - decay) * predicted_correctly + decay * correct
-    refinement_threshold: float = 0.5
+    warmup_epochs: Count = 8
+    refit_epochs: Count = 4
+    refit_rounds: Count | None = None  # None = the paper's 2 + clip(1 // data_fraction_per_learner, 1, 3)
+    core_epochs: Count = 40
+    vote_min_count: Count = 2  # "more than one learner agrees"
+    refinement_rounds: NonNegativeInt = 20  # 0: no refinement, the vote's keep
+    refinement_epochs: Count = 5
+    refinement_decay: FractionBelowOne = 0.8  # correct <- (1 - decay) * predicted_correctly + decay * correct
+    refinement_threshold: Fraction = 0.5
     # Options for small models; the defaults are the paper's behaviour (see the module docstring).
-    vote_rule: str = "plurality"  # plurality (paper) | held_out
-    vote_threshold: float = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
-    refinement_folds: int = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
-    refinement_train_threshold: float | None = None  # cross-fitted: train on kept with p(label) >= this
+    vote_rule: VoteRule = "plurality"  # plurality (paper) | held_out
+    vote_threshold: Fraction = 0.5  # held_out: keep where the out-of-core learners' mean p(label) >= this
+    refinement_folds: Count = 1  # 1: the paper's refinement; >= 2: cross-fitted judges
+    refinement_train_threshold: Fraction | None = None  # cross-fitted: train on kept with p(label) >= this
     # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set each
     # judge trains on (from the second round: the first trains on the vote's keep). A small class the first
     # 3-epoch judges have not learned yet scores low, drops out of their training set, and is then never learned:
     # on full GTSRB whole classes of 210-360 images were removed.
-    refinement_class_floor: float = 0.0
-    refinement_judge: str = "all"  # all (paper: the kept samples too) | outside (only samples not trained on)
+    refinement_class_floor: Fraction = 0.0
+    # all (paper: the kept samples too) | outside (only samples not trained on)
+    refinement_judge: RefinementJudge = "all"
     # The refinement model's TrainConfig.loss_trim (the paper: 0): poisons the vote let through stay among each
     # batch's highest losses, so the judge learns less of their labels and still calls the other poisons wrong.
-    refinement_loss_trim: float = 0.0
-    anomaly_ratio: float = 0.0  # 0: off; else the (label, predicted) cell test described above
-    anomaly_threshold: float = 0.5
-    anomaly_z: float = 5.0
-    max_retries: int = 2  # a diverged training is retried with lr / 10, at most this often
-    seed: int = 0
+    refinement_loss_trim: FractionBelowOne = 0.0
+    anomaly_ratio: NonNegativeFloat = 0.0  # 0: off; else the (label, predicted) cell test described above
+    anomaly_threshold: Fraction = 0.5
+    anomaly_z: NonNegativeFloat = 5.0
+    max_retries: NonNegativeInt = 2  # a diverged training is retried with lr / 10, at most this often
+    seed: Seed = 0
     learner_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         model="resnet32", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant",
         nesterov=False, warmup=0.0, label_smoothing=0.0, epochs=1))
@@ -150,21 +159,10 @@ class DefenseConfig:
         return self if train is self.learner_train else dataclasses.replace(self, learner_train=train)
 
     def validate(self) -> None:
-        if self.bags < 1 or self.boost < 1:
-            raise ValueError("defense.bags and defense.boost must be >= 1")
-        if not 0 < self.data_fraction <= 1:
-            raise ValueError("defense.data_fraction must be in (0, 1]")
-        if self.beta < 1:
-            raise ValueError("defense.beta must be >= 1")
-        if not 0 <= self.loss_decay < 1 or not 0 <= self.refinement_decay < 1:
-            raise ValueError("decays must be in [0, 1)")
-        if self.vote_rule not in VOTE_RULES:
-            raise ValueError(f"defense.vote_rule must be one of {VOTE_RULES}, got {self.vote_rule!r}")
-        if not isinstance(self.refinement_folds, int) or self.refinement_folds < 1:
-            raise ValueError("defense.refinement_folds must be an integer >= 1")
-        if self.refinement_judge not in REFINEMENT_JUDGES:
-            raise ValueError(f"defense.refinement_judge must be one of {REFINEMENT_JUDGES}, "
-                             f"got {self.refinement_judge!r}")
+        """Each field against its declaration (incompat.bounds), then the rules that tie fields together."""
+        check_declared(self, "defense.")
+        if not isinstance(self.learner_train, TrainConfig):
+            raise ValueError(f"defense.learner_train must be a TrainConfig, got {self.learner_train!r}")
         if self.refinement_judge == "outside":
             if self.refinement_folds != 1:
                 raise ValueError("defense.refinement_judge 'outside' judges with one model: refinement_folds must be 1")
@@ -172,17 +170,9 @@ class DefenseConfig:
                     0 < self.refinement_threshold <= self.refinement_train_threshold <= 1):
                 raise ValueError("defense.refinement_judge 'outside' needs 0 < refinement_threshold <= "
                                  "refinement_train_threshold <= 1 (a sample trained on must also be kept)")
-        if not 0 <= self.refinement_class_floor <= 1:
-            raise ValueError("defense.refinement_class_floor must be a fraction in [0, 1], "
-                             f"got {self.refinement_class_floor!r}")
         if self.refinement_class_floor > 0 and self.refinement_folds < 2:
             raise ValueError("defense.refinement_class_floor applies to the cross-fitted refinement only "
                              "(refinement_folds >= 2)")
-        if not 0 <= self.refinement_loss_trim < 1:
-            raise ValueError("defense.refinement_loss_trim must be a fraction in [0, 1), "
-                             f"got {self.refinement_loss_trim!r}")
-        if self.anomaly_ratio < 0:
-            raise ValueError("defense.anomaly_ratio must be >= 0 (0 turns the cell test off)")
 
 
 

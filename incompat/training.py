@@ -51,14 +51,17 @@ import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Annotated, Iterator, Literal, Mapping, Sequence, get_args
 
+import annotated_types as at
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from incompat.models import build_model
+from incompat.bounds import (Count, FractionBelowOne, NonNegativeFloat, PositiveFloat, PositiveFraction, Seed,
+                             check_declared)
+from incompat.models import MODEL_NAMES, build_model
 
 __all__ = [
     "TrainConfig", "TensorData", "ComputeMeter", "TrainingDiverged", "SCHEDULES",
@@ -66,7 +69,10 @@ __all__ = [
     "cpu_has_native_bf16", "autocast_dtype", "autocast_for", "lr_at", "tune_allocator",
 ]
 
-SCHEDULES = ("onecycle", "cosine", "constant", "step")
+Schedule = Literal["onecycle", "cosine", "constant", "step"]
+SCHEDULES = get_args(Schedule)
+ModelName = Literal[MODEL_NAMES]
+Milestone = Annotated[float, at.Interval(gt=0, lt=1)]
 
 # The smallest last (partial) batch that is still trained on; a smaller remainder is dropped for that epoch
 # (BatchNorm statistics of 1-3 samples are noise). A subset smaller than this is trained on as one batch.
@@ -89,23 +95,23 @@ class TrainConfig:
         lr 0.2: 75.6%   lr 0.2 fp32: 76.0% (1.8x slower)   lr 0.4: 76.7%   lr 0.2 + label smoothing 0.1: 76.4%
     """
 
-    model: str = "small_cnn"
-    width: int | None = None  # None: the model's standard width (small_cnn 32; 48 and 64 are 2x / 3x slower)
-    epochs: int = 15  # 8 epochs already give ~76% (100 s); 15 keep a margin under 5 min on a busy machine
-    batch_size: int = 256  # 128 and 256 train at the same speed here (bf16); 512 is ~12% slower
-    lr: float = 0.4  # peak learning rate
-    momentum: float = 0.9
+    model: ModelName = "small_cnn"
+    width: Count | None = None  # None: the model's standard width (small_cnn 32; 48 and 64 are 2x / 3x slower)
+    epochs: Count = 15  # 8 epochs already give ~76% (100 s); 15 keep a margin under 5 min on a busy machine
+    batch_size: Count = 256  # 128 and 256 train at the same speed here (bf16); 512 is ~12% slower
+    lr: PositiveFloat = 0.4  # peak learning rate
+    momentum: FractionBelowOne = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"  # onecycle (linear up, linear down) | cosine | constant | step
-    warmup: float = 0.2  # fraction of all steps spent ramping the lr up linearly from ~0 to `lr`
-    milestones: tuple[float, ...] = (0.5, 0.75)  # "step": multiply the lr by `gamma` at these fractions
-    gamma: float = 0.1
-    label_smoothing: float = 0.1
+    weight_decay: NonNegativeFloat = 5e-4
+    schedule: Schedule = "onecycle"  # onecycle (linear up, linear down) | cosine | constant | step
+    warmup: FractionBelowOne = 0.2  # fraction of all steps spent ramping the lr up linearly from ~0 to `lr`
+    milestones: tuple[Milestone, ...] = (0.5, 0.75)  # "step": multiply the lr by `gamma` at these fractions
+    gamma: PositiveFraction = 0.1
+    label_smoothing: FractionBelowOne = 0.1
     # Fraction of each batch, highest losses first, left out of the gradient (trimmed loss, as in ITLM and
     # co-teaching's small-loss trick). A few mislabelled or poisoned samples keep a high loss while the bulk is
     # learned, so a model trained this way learns less of them. 0: the plain mean.
-    loss_trim: float = 0.0
+    loss_trim: FractionBelowOne = 0.0
     augment: bool = True  # pad-4 random crop + horizontal flip
     # False: crop only. For classes that are mirror images of each other (GTSRB: keep left/right, turn left/right
     # ahead, ...) a flip turns one class's image into the other's while keeping its label (flip_pairs relabels
@@ -117,7 +123,7 @@ class TrainConfig:
     # named by its label or by its name in the dataset (["keep right", "keep left"]); names are turned into
     # labels by for_classes() once the dataset is known, so one params.yaml line survives a relabelled dataset.
     flip_pairs: tuple[tuple[int | str, int | str], ...] = ()
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA: autocast to bf16 (fp16 + grad scaling where bf16 is missing)
     # None: bf16 autocast where the CPU has native bf16. Here: 2x the speed (4,127 vs 2,775 img/s, 2 threads)
@@ -127,8 +133,8 @@ class TrainConfig:
     # 2 threads 4,127 img/s, 1 thread 2,391. But when the other core is busy, 2 OpenMP threads wait on each
     # other: CIFAR-10 training fell to ~1,300 img/s (1 thread: ~2,000) and a tiny 16x16 fit took 9.5 s instead
     # of 0.08 s. Many small models side by side, or a shared machine: use 1.
-    threads: int | None = None
-    eval_batch_size: int = DEFAULT_EVAL_BATCH  # for callers' predict(..., batch_size=cfg.eval_batch_size)
+    threads: Count | None = None
+    eval_batch_size: Count = DEFAULT_EVAL_BATCH  # for callers' predict(..., batch_size=cfg.eval_batch_size)
 
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
@@ -137,35 +143,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Each field against its declaration (incompat.bounds), then the rules that tie fields together."""
         def bad(msg: str) -> ValueError:
             return ValueError(f"train config: {msg}")
 
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
-            raise bad(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise bad(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
-            raise bad(f"eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise bad(f"momentum must be in [0, 1), got {self.momentum!r}")
+        check_declared(self, "train config: ")
         if self.nesterov and self.momentum == 0:
             raise bad("nesterov needs momentum > 0")
-        if not self.weight_decay >= 0:
-            raise bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.schedule not in SCHEDULES:
-            raise bad(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if not 0 <= self.warmup < 1:
-            raise bad(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise bad(f"milestones must be increasing fractions in (0, 1), got {list(self.milestones)}")
-        if not 0 < self.gamma <= 1:
-            raise bad(f"gamma must be in (0, 1], got {self.gamma!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise bad(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not 0 <= self.loss_trim < 1:
-            raise bad(f"loss_trim must be a fraction in [0, 1), got {self.loss_trim!r}")
         pairs = self.flip_pairs
         if not isinstance(pairs, tuple) or not all(
                 isinstance(p, tuple) and len(p) == 2 and all(_is_class_ref(c) for c in p) and p[0] != p[1]
@@ -177,10 +163,6 @@ class TrainConfig:
             raise bad(f"flip_pairs: a class can be in one pair only, got {[list(p) for p in pairs]}")
         if self.flip_pairs and not (self.augment and self.flip):
             raise bad("flip_pairs needs augment and flip on (it relabels flipped images)")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise bad(f"threads must be None or an integer >= 1, got {self.threads!r}")
-        if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
-            raise bad(f"width must be None or an integer >= 1, got {self.width!r}")
         if not isinstance(self.device, str) or not (
                 self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

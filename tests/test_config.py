@@ -39,9 +39,9 @@ defense_profiles:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("ingest: {sourse: x}", r"\[ingest\]: unknown key"),
+    ("ingest: {sourse: x}", r"\[ingest\] sourse: unknown key; known: source, "),
     ("defense: {profile: nope}", "unknown defense profile"),
-    ("defense: {boots: 3}", "unknown defense parameter"),
+    ("defense: {boots: 3}", r"\[defense\] boots: unknown key"),
     ("train: {epochz: 3}", r"\[train\]"),
     ("whatever: {}", "unknown parameter group"),
     ("defense: {decision: magic}", "decision"),
