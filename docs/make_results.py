@@ -111,7 +111,8 @@ the poisons, the judges trained on them and call the rest correct. Its 131 poiso
         "title": "GTSRB: against the baselines",
         "csv": "gtsrb_baselines.csv",
         "before": """\
-Recall / clean removed on the same poisoned data. ISPL+B's mask has at least spectral signatures' recall at less
+Recall / clean removed on the same poisoned data; ISPL+B's masks are those of the table above (the baselines on
+2→38 and 13→33 ran on 2026-11-30, on the same data). ISPL+B's mask has at least spectral signatures' recall at less
 clean removed in 4 of 4, and AC's in 3 of 4 (on 12→25 AC finds the last poison, at 5.22% clean removed). The
 baselines' verdicts depend on the poisoned model that gives the features: an earlier run of 13→33 with 2 threads
 gave AC 216/216 at 11.48%.""",
