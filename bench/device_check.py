@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="synthetic data, width-8 models, 1 epoch: runs on a CPU")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole check; the scenario run is stopped at the deadline (default 450, "
+                   help="seconds for the whole check; the scenario run is stopped at the deadline (default 440, "
                         "--smoke: no deadline)")
     p.add_argument("--data-dir", type=Path, default=None, help="the folder of CIFAR-10's train/test.parquet")
     p.add_argument("--profile", default="gpu")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                    help="throughput epoch size (default: the whole training set, --smoke 64)")
     args = p.parse_args(argv)
     args.scenarios = args.scenarios or ("paper:100:0" if args.smoke else "paper:100:0-23")
-    budget = args.budget if args.budget is not None else (1e9 if args.smoke else 450.0)
+    budget = args.budget if args.budget is not None else (1e9 if args.smoke else 440.0)
     if args.smoke:
         args.retrain_epochs = 1
     out = args.out

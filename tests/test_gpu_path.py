@@ -154,3 +154,32 @@ def test_device_check_smoke(tmp_path):
     with open(out / "summary.csv") as fh:
         summary = list(csv.DictReader(fh))
     assert summary[0]["scenarios_done"] == "1" and float(summary[0]["seconds_for_24"]) > 0
+
+
+def test_gpu_profile_is_the_papers_algorithm_at_about_26_epoch_equivalents():
+    """params.yaml's gpu profile: ResNet-32 at batch 512, the paper's vote and refinement rules, and the cost its
+    comment states (~26 epoch-equivalents: the run-time design rests on it), measured here with a width-4 CNN
+    in its place on 2,000 tiny images (the count of sample passes does not depend on the model)."""
+    import dataclasses
+
+    from incompat.config import load_params
+    from incompat.ispl import DefenseConfig, run_defense
+    from tests.conftest import make_imageset
+
+    params = load_params(ROOT / "params.yaml", profile="gpu")
+    cfg = params.defense
+    assert (cfg.learner_train.model, cfg.learner_train.batch_size) == ("resnet32", 512)
+    paper = DefenseConfig()
+    assert (cfg.vote_rule, cfg.refinement_judge, cfg.refinement_folds) == (
+        paper.vote_rule, paper.refinement_judge, paper.refinement_folds)
+    assert load_params(ROOT / "params.yaml", profile="paper").defense == paper  # the paper profile is untouched
+    small = dataclasses.replace(cfg, learner_train=dataclasses.replace(cfg.learner_train, model="small_cnn", width=4,
+                                                                       threads=1))
+    ds = make_imageset(n_per_class=200, n_classes=10, size=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # inference too: two threads on a busy 2-core machine wait on each other
+    try:
+        result = run_defense(ds.images, ds.labels, 10, small)
+    finally:
+        torch.set_num_threads(threads)
+    assert 23 <= result.meter.epoch_equivalents(len(ds)) <= 29
