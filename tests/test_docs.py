@@ -162,3 +162,13 @@ def test_every_result_row_is_dated_and_reproducible(table):
         # a script a command names is in the repository
         for script in re.findall(r"\S+\.py", row.get("command") or ""):
             assert (ROOT / script).is_file(), f"{table}:{number}: {script} does not exist"
+
+
+def test_the_readme_states_the_latest_measured_default_run():
+    # The first screen must not oversell: the README quotes the newest `make run` measurement of the results.
+    with open(RESULTS_DIR / "default_run.csv", newline="", encoding="utf-8") as fh:
+        latest = max(csv.DictReader(fh), key=lambda row: row["date"])
+    text = readme_text()
+    for column in ("accuracy", "asr"):
+        assert latest[column] in text, f"README.md does not quote the default run's {column}: {latest[column]}"
+    assert "[docs/results.md](docs/results.md)" in text
