@@ -120,11 +120,16 @@ class _VersionAction(argparse.Action):
 
 
 def _flows(args) -> None:
-    """Prefect's settings must be in place before Prefect is first imported."""
+    """Prefect's settings must be in place before Prefect is first imported; the servers the run needs are asked
+    whether they answer before any work starts; from here on SIGINT / SIGTERM stop the run cleanly."""
     _check_params(args)
+    from tasks import endpoints, lifecycle
     from tasks.runtime import configure
+    from tasks.tracking import tracking_uri
 
     configure(verbose=args.debug)
+    endpoints.check_all(tracking_uri())
+    lifecycle.install(args.command)
     if not args.debug:
         import warnings
 
@@ -135,7 +140,9 @@ def _flows(args) -> None:
 
 
 def _progress(args) -> bool:
-    return not args.quiet and not args.json and sys.stderr.isatty()
+    """Progress unless asked for quiet output: a bar on a terminal, else a line every so often (DVC, nohup, a
+    Prefect worker: see incompat/progress.py)."""
+    return not args.quiet and not args.json
 
 
 def _where(result: dict) -> list[str]:
@@ -150,9 +157,12 @@ def _where(result: dict) -> list[str]:
     return lines
 
 
-def _counts_line(m: dict) -> str:
+def _counts_line(m: dict, cached: bool = False) -> str:
+    """`cached`: the clustering was served from Prefect's cache, so its wall time is the first run's."""
+    cost = (f"defense served from cache (first run {m.get('wall_seconds', 0):.0f} s)" if cached
+            else f"defense {m.get('wall_seconds', 0):.0f} s")
     line = (f"removed {m['n_removed']} of {m['n_samples']} samples ({100 * m['removed_fraction']:.2f}%); "
-            f"defense {m.get('wall_seconds', 0):.0f} s, {m.get('epoch_equivalents', 0):.1f} epoch-equivalents")
+            f"{cost}, {m.get('epoch_equivalents', 0):.1f} epoch-equivalents")
     if "poison_total" in m:
         line += (f"; poison removed {m['poison_removed']}/{m['poison_total']}, "
                  f"clean removed {m['clean_removed']}/{m['clean_total']}")
@@ -171,10 +181,11 @@ def cmd_sanitize(args) -> int:
         _print_result(args, result, [f"{result['status']}: {result.get('incoming')}"])
         return EXIT_OK
     m = result["filter"]
-    lines = [_counts_line(m)]
+    cached = bool(result["cluster"].get("cached"))
+    lines = [_counts_line(m, cached)]
     if result.get("version"):
         lines.append(f"version:         {result['version']} (named in {Path(args.out) / 'LATEST'})")
-    _print_result(args, {**m, "paths": result["paths"], "version": result["version"],
+    _print_result(args, {**m, "cached": cached, "paths": result["paths"], "version": result["version"],
                          "mlflow_run_id": result["mlflow_run_id"],
                          "prefect_flow_run_id": result["prefect_flow_run_id"]}, lines + _where(result))
     return EXIT_OK
@@ -190,7 +201,7 @@ def cmd_evaluate(args) -> int:
     result = evaluate(params_path=args.params, data_dir=args.data_dir, profile=args.profile,
                       overrides=_overrides(args.set), scenario=args.scenario, experiment=args.experiment,
                       progress=_progress(args), retrain=not args.no_retrain)
-    lines = [_counts_line(result["filter"])]
+    lines = [_counts_line(result["filter"], bool(result["cluster"].get("cached")))]
     ev = result.get("evaluation")
     if ev:
         lines.append(f"clean accuracy {ev['clean_accuracy_before']:.4f} -> {ev['clean_accuracy_after']:.4f}; "
@@ -479,13 +490,28 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not args.debug:
+        # Prefect's run logs propagate to this handler: they belong in Prefect's UI (tasks/runtime.py sends them
+        # there); the console gets warnings, ours among them, and the CLI's own one-line result or error
+        console.setLevel(logging.WARNING)
+        console.addFilter(lambda record: not record.name.startswith(("prefect", "uvicorn", "fastapi")))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[console])
     from incompat.data import DataError
     from incompat.files import OutputError
+    from tasks import lifecycle
 
     try:
-        return args.func(args)
+        try:
+            code = args.func(args)
+        except BaseException:
+            if lifecycle.stop_requested():  # whatever the signal made Prefect or MLflow raise: one line, exit
+                lifecycle.stop_now()
+            raise
+        if lifecycle.stop_requested():
+            lifecycle.stop_now()
+        return code
     except UsageError as exc:
         print(f"incompat {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -500,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"incompat {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        lifecycle.uninstall()
 
 
 if __name__ == "__main__":

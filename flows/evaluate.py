@@ -12,7 +12,7 @@ from incompat import lineage
 from incompat.config import load_params
 from incompat.steps import Layout
 from tasks import steps as t
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, params_in_use
 
 
 @flow(name="evaluate", version=t.STEP_VERSION, log_prints=True)
@@ -26,8 +26,7 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
     tracker = Tracker(experiment)
     with tracker.run(f"evaluate {scenario}", tags={"incompat.flow": "evaluate", "incompat.scenario": scenario,
                                                    "prefect.flow_run_id": flow_run_id() or ""}):
-        tracker.log_params({**params.raw, "defense_resolved": params.defense.to_dict(), "profile": params.profile,
-                            "scenario": scenario})
+        tracker.log_params(params_in_use(params, ("ingest", "poison", "train", "defense"), scenario=scenario))
         context = {"mlflow_run_id": tracker.run_id, "prefect_flow_run_id": flow_run_id()}
         p = params.ingest
         ingested = run_step(t.ingest, root=root, flat=False, ingest_params=p.__dict__, sources=[p.source],
@@ -61,7 +60,7 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
         result["report"] = report
         log_sanitization(tracker, layout, [p.source])
         if retrain:
-            tracker.log_model(layout.model_after)
+            tracker.log_model(layout.model_after, example_dataset=layout.raw_test)
         result["mlflow_run_id"] = tracker.run_id
         result["tracking_uri"] = tracker.uri
         result["prefect_flow_run_id"] = flow_run_id()

@@ -23,7 +23,7 @@ from incompat import lineage, steps
 from incompat.config import load_params
 from incompat.files import write_text_atomic
 from tasks import steps as t
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, params_in_use
 
 COLUMNS = ["scenario", "method", "poison_total", "poison_removed", "clean_removed", "clean_removed_fraction",
            "asr_before", "asr_after", "acc_before", "acc_after", "tm_before", "tm_after", "wall_seconds",
@@ -139,15 +139,14 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
     tracker = Tracker(experiment)
     with tracker.run(f"grid {len(names)} scenarios", tags={"incompat.flow": "grid",
                                                           "prefect.flow_run_id": flow_run_id() or ""}):
-        tracker.log_params({**params.raw, "scenarios": names})
+        tracker.log_params(params_in_use(params, ("ingest", "train", "defense"), scenarios=names,
+                                         retrain=retrain))
         for r in results:
-            child = tracker.client.create_run(tracker.experiment_id, run_name=r["row"]["scenario"],
-                                              tags={"mlflow.parentRunId": tracker.run_id,
-                                                    "incompat.kind": "scenario"})
+            child_id = tracker.nested_run(r["row"]["scenario"], tags={"incompat.kind": "scenario"})
             tracker.log_metrics({k: v for k, v in r["row"].items() if k not in ("scenario", "method")},
-                                run_id=child.info.run_id)
-            tracker.client.log_artifact(child.info.run_id, str(Path(r["root"]) / "clean" / "lineage.json"))
-            tracker.client.set_terminated(child.info.run_id, "FINISHED")
+                                run_id=child_id)
+            tracker.client.log_artifact(child_id, str(Path(r["root"]) / "clean" / "lineage.json"))
+            tracker.client.set_terminated(child_id, "FINISHED")
         tracker.log_artifact(csv_path)
         tracker.log_artifact(md_path)
     summary = {"rows": rows, "csv": str(csv_path), "markdown": str(md_path), "mlflow_run_id": tracker.run_id,

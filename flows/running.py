@@ -17,12 +17,13 @@ log = logging.getLogger("incompat.flows")
 def run_step(step_task, **kwargs) -> dict:
     """Call a task; when Prefect served it from cache but its files were changed or removed since, run it again
     (refresh_cache) instead of handing stale paths downstream."""
+    from tasks.runlog import call_step
     from tasks.steps import outputs_intact
 
-    result = step_task(**kwargs)
+    result = call_step(step_task, **kwargs)
     if not outputs_intact(result):
         log.warning("%s: cached outputs changed on disk; running the step again", step_task.name)
-        result = step_task.with_options(refresh_cache=True)(**kwargs)
+        result = call_step(step_task.with_options(refresh_cache=True), **kwargs)
     return result
 
 
@@ -34,13 +35,15 @@ def flow_run_id() -> str | None:
 
 def log_sanitization(tracker, layout: Layout, source_paths: list[str]) -> None:
     """Per-round curves and nested learner runs, the final metrics, dataset inputs with digests, and the
-    artifacts (removed-sample manifest, lineage, metrics, report)."""
+    artifacts (removed-sample manifest, lineage, metrics, report). Datasets are inputs by reference (location and
+    digest), never artifacts: a run folder's parquet files and checkpoints stay out of the store."""
     from tasks.tracking import removed_manifest
 
     tracker.log_rounds(layout.rounds)
     metrics = json.loads(layout.metrics.read_text())
-    tracker.log_metrics(metrics)
-    tracker.log_metrics(metrics.get("removed_per_class", {}), prefix="removed_per_class.")
+    # numbers only, whatever else metrics.json holds; per-class counts are read from removed.parquet, by index
+    tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("removed_per_class")})
+    tracker.log_removed_per_class(layout.removed)
     for i, source in enumerate(source_paths):
         path = Path(source)
         if path.suffix == ".parquet":
@@ -56,6 +59,7 @@ def log_sanitization(tracker, layout: Layout, source_paths: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = removed_manifest(layout.removed, Path(tmp) / "removed_samples.csv")
         for path in (manifest, layout.lineage, layout.metrics, layout.curves):
-            tracker.log_artifact(path, "sanitization")
+            if path.exists():
+                tracker.log_artifact(path, "sanitization")
     if layout.report_html.exists():
-        tracker.log_artifact(layout.reports, "report")
+        tracker.log_report(layout.report_html)

@@ -767,6 +767,7 @@ def _build_like(train_cfg: TrainConfig, n_classes: int, data: TensorData) -> tor
 
 
 def _progress(enabled: bool, total: int, desc: str, initial: int = 0):
-    from tqdm.auto import tqdm
+    """A bar on a terminal; without one (DVC, nohup, a Prefect worker) a line every so often."""
+    from incompat.progress import progress
 
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False)
+    return progress(enabled, total, desc, initial=initial)

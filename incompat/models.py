@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "build_model", "SmallCNN", "ResNet32", "PreActResNet18", "count_parameters"]
+__all__ = ["MODEL_NAMES", "build_model", "SmallCNN", "ResNet32", "PreActResNet18", "RawImageClassifier",
+           "count_parameters"]
 
 
 class SmallCNN(nn.Module):
@@ -177,6 +178,31 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, width: int | 
     if width is not None and width < 1:
         raise ValueError(f"width must be >= 1 (or None for the default), got {width}")
     return _BUILDERS[name](num_classes, in_channels, width)
+
+
+class RawImageClassifier(nn.Module):
+    """A trained model with its training set's normalisation inside: uint8 images (N, H, W, C) in, logits
+    (N, num_classes) out.
+
+    The trainer normalises outside the model (TensorData holds the mean and std), so the bare network scores
+    well only when the caller repeats that arithmetic; a model published on its own carries it as buffers. The
+    arithmetic is TensorData's: pixel * 1/(255 std) - mean/std on the NHWC bytes, then a channels_last view.
+    """
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if mean.shape != std.shape or bool((std <= 0).any()):
+            raise ValueError(f"mean and std need one value per channel and std > 0, got {mean.tolist()}, "
+                             f"{std.tolist()}")
+        self.model = model
+        self.register_buffer("scale", (1.0 / (255.0 * std)).to(torch.float32))
+        self.register_buffer("shift", (-mean / std).to(torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.to(torch.float32), self.scale)  # (N, H, W, C) normalised
+        return self.model(x.permute(0, 3, 1, 2))
 
 
 def count_parameters(model: nn.Module) -> int:

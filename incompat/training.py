@@ -505,13 +505,10 @@ def _as_indices(indices, n: int, what: str = "indices") -> np.ndarray:
 
 
 def _progress_bar(progress: bool | str, total: int, desc: str):
-    from tqdm.auto import tqdm
+    """A bar on a terminal; without one (DVC, nohup, a Prefect worker) a line every so often."""
+    from incompat.progress import progress as make_progress
 
-    enabled = bool(progress) and sys.stderr is not None and sys.stderr.isatty()
-    if isinstance(progress, str) and progress:
-        desc = progress
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled, leave=False,
-                dynamic_ncols=True)
+    return make_progress(progress, total, desc, unit="img", unit_scale=True, dynamic_ncols=True)
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:

@@ -68,7 +68,8 @@ def test_evaluate_flow_logs_everything_and_an_unchanged_rerun_is_cached(project,
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] == result["prefect_flow_run_id"]
     assert "incompat.engine_sha256" in run.data.tags and "mlflow.source.git.commit" in run.data.tags
-    assert run.data.params["defense_resolved.boost"] == "2" and run.data.params["profile"] == "tiny"
+    assert run.data.params["defense.boost"] == "2" and run.data.params["profile"] == "tiny"
+    assert not [k for k in run.data.params if k.startswith("defense_profiles")]  # only the profile in use
     # final metrics = metrics.json + evaluation.json
     metrics = json.loads((project / "data" / "clean" / "metrics.json").read_text())
     assert run.data.metrics["n_removed"] == metrics["n_removed"]
