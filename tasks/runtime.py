@@ -19,10 +19,19 @@ def configure(project_dir: str | os.PathLike | None = None, verbose: bool = Fals
         # the temporary server's 20 s default is tight on a busy 2-core machine
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        # the CLI reports a failure as one line on stderr; Prefect would add its traceback (--debug shows it)
-        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
+        # Run logs reach the API (the UI's log tab) at INFO; only the console is quiet: the CLI reports a failure
+        # as one line on stderr, where Prefect would add its state lines and traceback (--debug shows them).
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "NOTSET" if verbose else "CRITICAL",
+        "PREFECT_LOGGING_HANDLERS_DEBUG_LEVEL": "NOTSET" if verbose else "CRITICAL",
         "PREFECT_TASKS_REFRESH_CACHE": "false",
         "MLFLOW_LOGGING_LEVEL": "DEBUG" if verbose else "ERROR",
+        # MLflow's defaults (120 s per request, 7 retries with doubling backoff) turn a tracking server that dies
+        # mid-run into a quarter of an hour of silence; this fails within about a minute
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     }
     home.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
