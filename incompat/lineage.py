@@ -14,10 +14,12 @@ it lies inside a DVC output, and a manifest that changed on every run would make
 the git commit and the run ids are in the lineage record only.
 
 The filter step gathers the manifests upstream of the cleaned dataset into `lineage.json` and seals it:
-- `content_digest`: sha256 over the record's canonical JSON without the per-run keys (`RUN_KEYS`); it is also written
-  into the cleaned datasets' schema metadata (`lineage_content_digest`), which binds data and record: editing the
-  record's params, counts or paths, or swapping a dataset and updating its digest in the record, breaks the binding.
-  The per-run keys stay out of it so that an identical rerun writes a byte-identical clean.parquet (a DVC output).
+- `content_digest`: sha256 over the record's canonical JSON without the per-run keys (`RUN_KEYS`), the manifest
+  files' digests and each step's code version and summary; it is also written into the cleaned datasets' schema
+  metadata (`lineage_content_digest`), which binds data and record: editing the record's params, counts, paths or
+  digests, or swapping a dataset and updating its digest in the record, breaks the binding. What it leaves out
+  changes between runs that give the same data (time, run ids, git commit, wall seconds, an engine edit that
+  changes no result): with it in, an identical rerun would rewrite clean.parquet (a DVC output) and retrain again.
 - `record_digest`: sha256 over the whole record (content digest included) without itself and the signature.
 - `signature`: HMAC-SHA256 of the record digest under the key in $INCOMPAT_LINEAGE_KEY, when set.
 Without a key this is integrity and internal consistency, not authenticity: whoever can rewrite the data, the record
@@ -222,8 +224,13 @@ def _canonical(value) -> bytes:
 
 
 def content_digest(record: dict) -> str:
-    return hashlib.sha256(_canonical({k: v for k, v in record.items()
-                                      if k not in RUN_KEYS + SEAL_KEYS})).hexdigest()
+    """Over what the data depends on: the record without its per-run keys, without the manifest files' digests and
+    without each step's code version and summary (a step rerun by new code with the same result, or a new wall
+    time in its summary, leaves the cleaned datasets' bytes alone). The record digest covers all of these."""
+    content = {k: v for k, v in record.items() if k not in RUN_KEYS + SEAL_KEYS + ("manifests",)}
+    content["chain"] = [{k: v for k, v in step.items() if k not in ("code", "summary")} if isinstance(step, dict)
+                        else step for step in record.get("chain", [])]
+    return hashlib.sha256(_canonical(content)).hexdigest()
 
 
 def record_digest(record: dict) -> str:

@@ -300,12 +300,17 @@ def test_ingest_twice_on_the_same_input_writes_byte_identical_files(tmp_path, mo
 
 
 def test_per_run_keys_leave_the_cleaned_datasets_byte_identical(project, monkeypatch):
-    """The filter step run again (new time, new run ids): the record is new, clean.parquet (a DVC output) is not."""
+    """The filter step run again (new time, new run ids, a cluster step rerun by other code in another wall time
+    with the same scores): the record is new, clean.parquet (a DVC output that `retrain` depends on) is not."""
     run, params = project / "run", _params(project)
     steps.run_filter(steps.Layout(run, flat=True), params, truth=None, run_context={"mlflow_run_id": "one-run"})
     before = {name: (run / name).read_bytes() for name in ("clean.parquet", "removed.parquet", "lineage.json")}
     monkeypatch.setattr(lineage, "now", lambda: "2030-01-01T00:00:00+00:00")
     monkeypatch.setattr(lineage, "_CODE_VERSION", {**lineage.code_version(), "git_commit": "another-commit"})
+    cluster = json.loads((run / "cluster.json").read_text())
+    cluster["summary"]["wall_seconds"] += 12.5
+    cluster["code"]["engine_sha256"] = "0" * 64
+    (run / "cluster.json").write_text(json.dumps(cluster, indent=2))
     steps.run_filter(steps.Layout(run, flat=True), params, truth=None, run_context={"mlflow_run_id": "another-run"})
     assert (run / "clean.parquet").read_bytes() == before["clean.parquet"]
     assert (run / "removed.parquet").read_bytes() == before["removed.parquet"]
