@@ -10,7 +10,7 @@ from prefect import flow
 from flows.running import flow_run_id, log_sanitization, run_step
 from incompat import lineage
 from incompat.config import load_params
-from incompat.steps import Layout
+from incompat.steps import Layout, exclusive_run
 from tasks import steps as t
 from tasks.tracking import Tracker, params_in_use
 
@@ -24,8 +24,9 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
     layout = Layout(data_dir)
     root = str(layout.root.resolve())  # absolute: the same relative path elsewhere is other data
     tracker = Tracker(experiment)
-    with tracker.run(f"evaluate {scenario}", tags={"incompat.flow": "evaluate", "incompat.scenario": scenario,
-                                                   "prefect.flow_run_id": flow_run_id() or ""}):
+    one_run = exclusive_run(layout)  # one writer of the data folder at a time; its outputs as one unit
+    with one_run, tracker.run(f"evaluate {scenario}", tags={
+            "incompat.flow": "evaluate", "incompat.scenario": scenario, "prefect.flow_run_id": flow_run_id() or ""}):
         tracker.log_params(params_in_use(params, ("ingest", "poison", "train", "defense"), scenario=scenario))
         context = {"mlflow_run_id": tracker.run_id, "prefect_flow_run_id": flow_run_id()}
         p = params.ingest

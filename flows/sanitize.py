@@ -21,7 +21,7 @@ from incompat import lineage
 from incompat.config import load_params
 from incompat.data import DataError
 from incompat.files import write_text_atomic
-from incompat.steps import Layout
+from incompat.steps import Layout, exclusive_run
 from tasks import steps as t
 from tasks.tracking import Tracker
 
@@ -86,9 +86,10 @@ def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = N
     layout = Layout(out_dir / version if version else out_dir, flat=True)
     root = str(layout.root.resolve())  # absolute: the same relative path elsewhere is other data
     tracker = Tracker(experiment)
-    with tracker.run(f"sanitize {Path(dataset).name}" + (f" + {len(batches)} batch(es)" if batches else ""),
-                     tags={"incompat.flow": "sanitize", "prefect.flow_run_id": flow_run_id() or "",
-                           "incompat.version_dir": root}):
+    one_run = exclusive_run(layout, lock_dir=out_dir)  # one writer of OUT at a time; its outputs as one unit
+    with one_run, tracker.run(f"sanitize {Path(dataset).name}" + (f" + {len(batches)} batch(es)" if batches else ""),
+                              tags={"incompat.flow": "sanitize", "prefect.flow_run_id": flow_run_id() or "",
+                                    "incompat.version_dir": root}):
         tracker.log_params({"defense": params.defense.to_dict(), "profile": params.profile, "dataset": dataset,
                             "incoming": incoming or "", "batches": batches, "versioned": versioned,
                             "ingest": params.ingest.__dict__})

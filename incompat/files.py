@@ -150,3 +150,158 @@ def read_json(path: str | os.PathLike, error: type[Exception]):
         raise error(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise error(f"{path}: not readable JSON ({exc})") from None
+
+
+# --- one run at a time, and its outputs as one unit ---------------------------------------------------------------
+
+LOCK_NAME = ".incompat.lock"
+PREVIOUS_PREFIX = ".incompat-previous-"
+
+
+class OutputLocked(OutputError):
+    """Another run holds the output folder: this one stops before writing anything."""
+
+
+def _holder(lock_path: Path) -> str:
+    """Who holds the lock, as its holder wrote it; a holder that has just taken it gets a moment to write it."""
+    import json
+    import time
+
+    for _ in range(20):
+        try:
+            text = lock_path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            break
+        time.sleep(0.05)
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return "holder unknown"
+    command = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(info.get("command", "?")))[:300]
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}, "
+            f"command: {command}")
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """An exclusive lock on `folder` for one run, held until the block ends (the kernel drops it when the process
+    dies, so a killed run never leaves the folder locked). Non-blocking: a second run raises OutputLocked at once,
+    naming the holder (pid, host, start time, command), which the holder writes into the lock file."""
+    import datetime
+    import fcntl
+    import json
+    import shlex
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLocked(f"{folder}: another run is writing this folder ({_holder(lock_path)}); wait for it "
+                               "to finish or write elsewhere") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": shlex.join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            yield lock_path
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # the next reader finds no stale holder
+    finally:
+        os.close(fd)
+
+
+# Paths of this process's open units: a step that makes its files one unit does nothing more inside a run that
+# already made all of them one.
+_OPEN_UNITS: list[frozenset[Path]] = []
+
+
+def _restore(backup: Path, root: Path) -> None:
+    """Put back what a unit's backup holds: every covered file as it was when the unit began, and (when the unit
+    began over earlier outputs) no covered file that did not exist then."""
+    import json
+    import shutil
+
+    manifest = backup / "unit.json"
+    if manifest.exists():
+        unit = json.loads(manifest.read_text())
+        existed = set(unit["existed"])
+        for rel in unit["existed"]:
+            saved = backup / "files" / rel
+            if saved.exists():
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(saved, root / rel)
+        if existed:
+            for rel in unit["covered"]:
+                if rel not in existed:
+                    with contextlib.suppress(FileNotFoundError):
+                        (root / rel).unlink()
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _keep_copy(path: Path, saved: Path) -> None:
+    import shutil
+
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, saved)  # no data copied: the writers replace files (new inodes), they never write in place
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(saved) from exc
+        shutil.copy2(path, saved)  # a file system without hard links
+
+
+@contextlib.contextmanager
+def replace_together(root: str | os.PathLike, paths: list[Path], name: str) -> Iterator[None]:
+    """Make the writes to `paths` (files under `root`) one unit: if the block fails (a full disk, bad data, an
+    interrupt), every one of them is put back as it was when the block began, so a folder that held a finished set
+    of outputs still holds that set, never new scores beside old clean data. Files the block created are removed
+    again only when the folder held earlier outputs; a first run keeps what it finished, for the next one to resume.
+
+    How: hard links to the existing files are kept in `root/.incompat-previous-<name>/` while the block runs (the
+    writers replace files, so the links keep the old content) and dropped at the end. A run killed inside the block
+    leaves that folder behind; the next unit over the same files puts the old set back before it begins."""
+    import json
+    import shutil
+
+    root = Path(root)
+    resolved = frozenset(Path(p).resolve() for p in paths)
+    if any(resolved <= unit for unit in _OPEN_UNITS):
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in sorted({p.parent for p in map(Path, paths)} | {root}):
+        if leftover.is_dir():
+            for backup in leftover.glob(PREVIOUS_PREFIX + "*"):
+                if backup.name.endswith(".partial"):
+                    shutil.rmtree(backup, ignore_errors=True)  # killed before the unit began: nothing was written
+                else:
+                    _restore(backup, leftover)
+    backup = root / f"{PREVIOUS_PREFIX}{name}"
+    partial = root / f"{PREVIOUS_PREFIX}{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    covered = sorted(os.path.relpath(p, root) for p in map(Path, paths))
+    existed = [rel for rel in covered if (root / rel).is_file()]
+    partial.mkdir()
+    for rel in existed:
+        _keep_copy(root / rel, partial / "files" / rel)
+    (partial / "unit.json").write_text(json.dumps({"covered": covered, "existed": existed}))
+    os.replace(partial, backup)
+    _OPEN_UNITS.append(resolved)
+    try:
+        yield
+    except BaseException:
+        _restore(backup, root)
+        raise
+    else:
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        _OPEN_UNITS.remove(resolved)

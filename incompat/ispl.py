@@ -62,8 +62,8 @@ import annotated_types as at
 import numpy as np
 import torch
 
-from incompat.bounds import (Count, Finite, Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt, Seed,
-                             check_declared)
+from incompat.bounds import (Count, Finite, Fraction, FractionBelowOne, NonNegativeFloat, NonNegativeInt,
+                             PositiveFraction, Seed, check_declared)
 from incompat.files import atomic_output, write_text_atomic
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
                                predict, predict_logits)
@@ -129,6 +129,10 @@ class DefenseConfig:
     anomaly_z: NonNegativeFloat = 5.0
     max_retries: NonNegativeInt = 2  # a diverged training is retried with lr / 10, at most this often
     seed: Seed = 0
+    # The filter step's guard, not the clustering's: a keep-mask that removes a whole class, or more than this share
+    # of any class, is refused (nothing written) unless allow_class_loss; then metrics and report say it was let by.
+    max_class_removed: PositiveFraction = 0.5
+    allow_class_loss: bool = False
     learner_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         model="resnet32", batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="constant",
         nesterov=False, warmup=0.0, label_smoothing=0.0, epochs=1))
@@ -264,7 +268,7 @@ def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int,
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
                   "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "refinement_class_floor",
-                  "anomaly_ratio", "anomaly_threshold", "anomaly_z")
+                  "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss")
 
 
 # learner_train keys added after checkpoints existed, with the default that behaves as before them.

@@ -108,7 +108,9 @@ class ReportSources:
             raise ReportError(f"{run_dir}: no dataset file (dataset.parquet, poisoned/train.parquet, "
                               "raw/train.parquet or train.parquet) in it or its subdirectories")
         dataset = candidates[0]
-        source_digest = _load_json(found["metrics"]).get("source_digest") if found["metrics"] else None
+        metrics = _load_json(found["metrics"]) if found["metrics"] else {}
+        source_digest = _recorded(metrics if isinstance(metrics, dict) else {},
+                                  _load_json(found["lineage"]) if found["lineage"] else None).get("source_digest")
         if source_digest and len(candidates) > 1:
             for candidate in candidates:
                 try:
@@ -145,6 +147,30 @@ class _Run:
 
 def _load_json(path: Path) -> Any:
     return read_json(path, ReportError)
+
+
+def _recorded(metrics: dict, record: Any) -> dict:
+    """The profile and the digests of the sanitized, clean and removed datasets. metrics.json holds numbers only,
+    so they come from lineage.json (a metrics.json written before that may still hold them: it wins)."""
+    found = {k: metrics[k] for k in ("source_digest", "clean_digest", "removed_digest", "profile")
+             if isinstance(metrics.get(k), str)}
+    if not isinstance(record, dict):
+        return found
+
+    def by_role(refs: Any) -> dict:
+        return {ref.get("role"): ref.get("digest") for ref in refs if isinstance(ref, dict)} \
+            if isinstance(refs, list) else {}
+
+    outputs = by_role(record.get("outputs"))
+    chain = record.get("chain") if isinstance(record.get("chain"), list) else []
+    step = next((m for m in chain if isinstance(m, dict) and m.get("step") == "filter"), {})
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    for key, value in (("source_digest", by_role(step.get("inputs")).get("dataset")),
+                       ("clean_digest", outputs.get("clean")), ("removed_digest", outputs.get("removed")),
+                       ("profile", params.get("profile"))):
+        if isinstance(value, str):
+            found.setdefault(key, value)
+    return found
 
 
 def _load_params(path: Path) -> Any:
@@ -228,6 +254,10 @@ def _load_run(sources: ReportSources) -> _Run:
     metrics = _load_json(sources.metrics) if sources.metrics else {}
     if not isinstance(metrics, dict):
         raise ReportError(f"{sources.metrics}: expected a JSON object")
+    lineage = _load_json(sources.lineage) if sources.lineage else None
+    if lineage is not None and not isinstance(lineage, dict):
+        lineage = {"lineage": lineage}
+    metrics = {**metrics, **_recorded(metrics, lineage)}
     source_digest = metrics.get("source_digest")
     dataset_digest = (read_metadata(sources.dataset) or {}).get("dataset_digest")
     if source_digest and dataset_digest and source_digest != dataset_digest:
@@ -239,9 +269,6 @@ def _load_run(sources: ReportSources) -> _Run:
     evaluation = _load_json(sources.evaluation) if sources.evaluation else None
     if evaluation is not None and not isinstance(evaluation, dict):
         raise ReportError(f"{sources.evaluation}: expected a JSON object")
-    lineage = _load_json(sources.lineage) if sources.lineage else None
-    if lineage is not None and not isinstance(lineage, dict):
-        lineage = {"lineage": lineage}
     return _Run(
         dataset=dataset, rows=rows, labels=labels, kept=kept, suspicion=suspicion,
         vote_agreement=optional("vote_agreement"), refinement_correct=optional("refinement_correct"),
@@ -454,6 +481,12 @@ def _notes(run: _Run) -> str:
                      "rate (a few percent). Most removed samples are likely clean.")
     _, removed, total = _class_order(run)
     emptied = [run.dataset.class_names[c] for c in range(len(total)) if total[c] and removed[c] == total[c]]
+    if run.metrics.get("class_loss_overridden") == 1:
+        shares = sorted(((removed[c] / total[c], c) for c in range(len(total)) if total[c]), reverse=True)
+        worst = ", ".join(f"{run.dataset.class_names[c]} {100 * share:.0f}%" for share, c in shares[:5])
+        notes.append("The class-loss guard was overridden (defense.allow_class_loss): the filter step kept a "
+                     f"keep-mask that removes {run.metrics.get('n_classes_over_limit', 'some')} class(es) whole or "
+                     f"beyond defense.max_class_removed. Most removed: {worst}.")
     if emptied:
         notes.append(f"Every sample of {len(emptied)} class(es) was removed: {', '.join(emptied[:10])}"
                      f"{' …' if len(emptied) > 10 else ''}. A model retrained on the kept set cannot learn them.")

@@ -5,13 +5,24 @@ cluster -> scores.parquet, rounds.json, curves.json; filter -> clean.parquet, re
   clean.parquet    the kept samples (canonical format)
   removed.parquet  the removed samples, with their suspicion scores, most suspicious first
   scores.parquet   sample_id, label, kept, suspicion, vote_agreement, refinement_correct for every sample
-  metrics.json     counts, cost and time; with ground truth also poison_total/poison_removed/clean_removed
-  rounds.json      the per-round ISPL trajectory; curves.json the same as flat records (plots)
+  metrics.json     numbers only (a DVC metric): counts, per-class loss, cost and time; with ground truth also
+                   poison_total/poison_removed/clean_removed. Digests, the profile and the removals per class are
+                   in lineage.json.
+  rounds.json      the raw trajectory: every ISPL round of every weak learner, the vote, the refinement rounds
+  curves.json      what the defense keeps after the vote and after each refinement round, as shares of all samples
+                   (one meaning per axis: the learners' ISPL rounds are shares of their own active sets, so they
+                   stay in rounds.json)
+
+The filter step refuses a keep-mask that removes a whole class, or more than `max_class_removed` of any class,
+before it writes anything (ClassLossError), unless `allow_class_loss`: weak learners that never learned a class
+call all of it wrong, and a clean set without that class is a silently broken dataset, not a sanitized one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +33,12 @@ from incompat.data import DataError, ImageSet, write_dataset
 from incompat.files import atomic_output, write_text_atomic
 from incompat.ispl import DefenseConfig, DefenseResult, run_defense
 from incompat.metrics import detection_confusion
+
+log = logging.getLogger(__name__)
+
+
+class ClassLossError(DataError):
+    """The keep-mask removes a whole class, or more of a class than the defense may: nothing was written."""
 
 
 @dataclass
@@ -81,7 +98,8 @@ def sanitize(dataset: ImageSet, cfg: DefenseConfig, out_dir: str | os.PathLike, 
     scores = read_scores(cluster_files["scores"], dataset)
     cost = cluster_cost(result, len(dataset))
     outputs = write_filter_outputs(dataset, scores, out_dir, truth_mask,
-                                   {"source_digest": source_digest, **cost, **(extra_metrics or {})})
+                                   {"source_digest": source_digest, **cost, **(extra_metrics or {})},
+                                   max_class_removed=cfg.max_class_removed, allow_class_loss=cfg.allow_class_loss)
     return result, SanitizeOutputs(outputs["clean"], outputs["removed"], cluster_files["scores"],
                                    outputs["metrics"], cluster_files["rounds"], outputs["metrics_values"])
 
@@ -92,6 +110,10 @@ def cluster(dataset: ImageSet, cfg: DefenseConfig, *, truth_mask: np.ndarray | N
     """Run ISPL+B; returns the result, the per-round events (with poison still kept when a truth mask is given:
     the defense itself never sees it) and the dataset digest the checkpoints are keyed by."""
     cfg = cfg.for_classes(dataset.class_names)
+    # The class-loss guard acts in the filter step only: at its defaults here, so that overriding it after a
+    # refusal reuses the checkpointed refinement instead of running it again.
+    cfg = dataclasses.replace(cfg, max_class_removed=DefenseConfig.max_class_removed,
+                              allow_class_loss=DefenseConfig.allow_class_loss)
     recorder = RoundRecorder(truth_mask, forward=observe)
     source_digest = dataset.dataset_digest()  # hashes every sample: once, for the checkpoints and the metrics
     result = run_defense(dataset.images, dataset.labels, dataset.n_classes, cfg, checkpoint_dir=checkpoint_dir,
@@ -135,15 +157,16 @@ def write_cluster_outputs(dataset: ImageSet, result: DefenseResult, events: list
 
 
 def curves(events: list[dict], n_samples: int) -> list[dict]:
-    """One record per ISPL round, refinement round and the vote, numbered in the order they happened."""
+    """What the defense keeps, as a share of all samples: step 0 after the vote, step r + 1 after refinement round
+    r (from the round itself, so a resumed run that did not replay the early rounds leaves a gap, not a shift).
+    The learners' ISPL rounds measure a share of each learner's own active set: another axis, left to rounds.json."""
     records = []
     for event in events:
-        if event["kind"] == "learner":
+        if event["kind"] not in ("vote", "refinement"):
             continue
-        stage = event.get("learner", event["kind"])
-        record = {"step": len(records), "stage": stage, "kept_fraction": float(event["kept_fraction"])}
-        if "mean_loss" in event:
-            record["mean_loss"] = float(event["mean_loss"])
+        fraction = float(event["kept_fraction"])
+        record = {"step": 0 if event["kind"] == "vote" else int(event["round"]) + 1, "stage": event["kind"],
+                  "kept": int(event.get("kept", round(fraction * n_samples))), "kept_fraction": fraction}
         if "poison_kept" in event:
             record["poison_kept"] = int(event["poison_kept"])
         records.append(record)
@@ -175,12 +198,49 @@ def read_scores(path: str | os.PathLike, dataset: ImageSet) -> Scores:
                   column["refinement_correct"])
 
 
+def class_loss(dataset: ImageSet, keep_mask: np.ndarray, max_class_removed: float, allow_class_loss: bool,
+               clean_path: Path) -> dict:
+    """The share of each class the keep-mask removes. A class removed whole, or beyond `max_class_removed`, stops
+    the filter step (ClassLossError naming the classes and shares) unless `allow_class_loss`; the numbers returned
+    are metrics either way (class_loss_overridden = 1 when the guard was overridden)."""
+    total = np.bincount(dataset.labels, minlength=dataset.n_classes)
+    removed = np.bincount(dataset.labels[~keep_mask], minlength=dataset.n_classes)
+    share = removed / np.maximum(total, 1)
+    emptied = (total > 0) & (removed == total)
+    over = np.flatnonzero(emptied | (share > max_class_removed))
+    over = over[np.argsort(-share[over], kind="stable")]
+    detail = ", ".join(f"{dataset.class_names[c]!r} {removed[c]}/{total[c]} ({share[c]:.0%}"
+                       f"{', the whole class' if emptied[c] else ''})" for c in over)
+    if len(over) and not allow_class_loss:
+        raise ClassLossError(
+            f"{clean_path}: not written: the keep-mask removes {len(over)} class(es) whole or beyond "
+            f"defense.max_class_removed={max_class_removed:g}: {detail}. Weak learners that never learned a class "
+            "call all of it wrong (train them longer, e.g. learner_train.epochs or core_epochs); to keep this "
+            "keep-mask anyway set defense.allow_class_loss=true (--set allow_class_loss=true)")
+    if len(over):
+        log.warning("%s: class-loss guard overridden (allow_class_loss): %s", clean_path, detail)
+    return {"max_class_removed_fraction": float(share.max()) if len(share) else 0.0,
+            "n_classes_emptied": int(emptied.sum()), "n_classes_over_limit": int(len(over)),
+            "class_loss_overridden": int(len(over) > 0)}
+
+
+def numeric_metrics(metrics: dict) -> dict:
+    """The numbers of a metrics dict (bools as 0/1), what metrics.json holds: `dvc metrics show` and `dvc exp
+    show` get one column per number; digests, names and per-class tables belong in lineage.json."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in _jsonable(metrics).items()
+            if isinstance(v, (int, float))}
+
+
 def write_filter_outputs(dataset: ImageSet, scores: Scores, out_dir: str | os.PathLike,
                          truth_mask: np.ndarray | None, extra_metrics: dict,
-                         metadata: dict | None = None) -> dict:
-    """clean.parquet, removed.parquet (most suspicious first, with the scores) and metrics.json."""
+                         metadata: dict | None = None, *,
+                         max_class_removed: float = DefenseConfig.max_class_removed,
+                         allow_class_loss: bool = DefenseConfig.allow_class_loss) -> dict:
+    """clean.parquet, removed.parquet (most suspicious first, with the scores) and metrics.json; the class-loss
+    guard runs first, so a refused keep-mask leaves every output as it was."""
     out_dir = Path(out_dir)
     keep = scores.keep_mask
+    guard = class_loss(dataset, keep, max_class_removed, allow_class_loss, out_dir / "clean.parquet")
     removed_idx = np.flatnonzero(~keep)
     removed_idx = removed_idx[np.argsort(-scores.suspicion[removed_idx], kind="stable")]
     clean_path, removed_path = out_dir / "clean.parquet", out_dir / "removed.parquet"
@@ -201,11 +261,12 @@ def write_filter_outputs(dataset: ImageSet, scores: Scores, out_dir: str | os.Pa
         "clean_digest": clean_digest,
         "removed_digest": removed_digest,
     }
+    metrics.update(guard)
     if truth_mask is not None:
         metrics.update(detection_confusion(~keep, truth_mask))
     metrics.update(extra_metrics)
     metrics_path = out_dir / "metrics.json"
-    write_text_atomic(metrics_path, json.dumps(_jsonable(metrics), indent=2, sort_keys=True))
+    write_text_atomic(metrics_path, json.dumps(numeric_metrics(metrics), indent=2, sort_keys=True))
     return {"clean": clean_path, "removed": removed_path, "metrics": metrics_path,
             "metrics_values": _jsonable(metrics)}
 

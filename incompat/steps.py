@@ -7,19 +7,21 @@ outputs atomically under a `Layout`, and writes a manifest (inputs, outputs, par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from incompat import lineage
 from incompat.config import IngestParams, Params
 from incompat.data import DataError, ImageSet, check_unique_ids, read_dataset, write_dataset
-from incompat.files import write_text_atomic
+from incompat.files import hold_folder, replace_together, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,36 @@ class Layout:
     evaluation = property(lambda self: self.reports / "evaluation.json")
     report_html = property(lambda self: self.reports / "report.html")
 
+    def output_files(self) -> list[Path]:
+        """Every file a run writes under this layout (not the checkpoints): what a run replaces as one unit."""
+        from incompat.report import FIGURE_NAMES
+
+        files = [self.raw_train, self.raw_test, self.quarantine, self.ingest_manifest, self.poisoned_train,
+                 self.truth, self.test_triggered, self.scenario, self.poison_manifest, self.scores, self.rounds,
+                 self.curves, self.cluster_manifest, *self.filter_files(), self.model_before, self.model_after,
+                 self.retrain_manifest, self.evaluation, self.report_html,
+                 *(self.reports / "figures" / name for name in FIGURE_NAMES)]
+        return list(dict.fromkeys(files))
+
+    def filter_files(self) -> list[Path]:
+        return [self.clean, self.removed, self.metrics, self.lineage]
+
     def sanitized_input(self) -> Path:
         """The dataset the defense ran on: the poisoned one in an evaluation, the ingested one otherwise."""
         return self.poisoned_train if self.poisoned_train.exists() else self.raw_train
 
     def truth_if_any(self) -> Path | None:
         return self.truth if self.truth.exists() and self.poisoned_train.exists() else None
+
+
+@contextlib.contextmanager
+def exclusive_run(layout: Layout, lock_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """One run writes a folder at a time, and its outputs land as one unit: the folder (or `lock_dir`, e.g. the
+    folder of versions) is locked for the whole block, and a block that fails puts back the finished set the folder
+    held before (checkpoints are not part of it: a resumed run still finds them)."""
+    with hold_folder(lock_dir if lock_dir is not None else layout.root), \
+            replace_together(layout.root, layout.output_files(), "run"):
+        yield
 
 
 # --- ingest -------------------------------------------------------------------------------------------------
@@ -220,6 +246,13 @@ def run_cluster(layout: Layout, params: Params, *, truth: Path | str | None = "l
 
 def run_filter(layout: Layout, params: Params, *, truth: Path | str | None = "layout",
                run_context: dict | None = None) -> dict:
+    """The filter step; its files (clean, removed, metrics, lineage) are replaced as one unit: a failure part-way
+    (a full disk, a refused keep-mask) leaves the set that was there, which still verifies."""
+    with replace_together(layout.clean_dir, layout.filter_files(), "filter"):
+        return _filter(layout, params, truth=truth, run_context=run_context)
+
+
+def _filter(layout: Layout, params: Params, *, truth: Path | str | None, run_context: dict | None) -> dict:
     """Split the dataset by the cluster step's keep-mask into clean/removed, count, and write the lineage record
     (run_context: the ids of the MLflow and Prefect runs that produced it, when a flow drives the step)."""
     from incompat.sanitize import read_scores, write_filter_outputs
@@ -235,7 +268,9 @@ def run_filter(layout: Layout, params: Params, *, truth: Path | str | None = "la
     source_digest = read_dataset_digest(dataset_path)
     out = write_filter_outputs(dataset, scores, layout.clean_dir, truth_mask,
                                {"source_digest": source_digest, "profile": params.profile, **cost},
-                               metadata={"sanitized_from": source_digest})
+                               metadata={"sanitized_from": source_digest},
+                               max_class_removed=params.defense.max_class_removed,
+                               allow_class_loss=params.defense.allow_class_loss)
     metrics = out["metrics_values"]
     inputs = [lineage.reference("dataset", dataset_path, layout.clean_dir, source_digest, "dataset"),
               lineage.reference("scores", layout.scores, layout.clean_dir)]

@@ -90,7 +90,7 @@ def test_evaluate_flow_logs_everything_and_an_unchanged_rerun_is_cached(project,
     inputs = {tag.value: d for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
     assert {"ingested", "poisoned", "cleaned", "removed"} <= set(inputs)
     cleaned_digest = next(t.value for t in inputs["cleaned"].tags if t.key == "incompat.dataset_digest")
-    assert cleaned_digest == metrics["clean_digest"]
+    assert cleaned_digest == result["filter"]["clean_digest"]
     # artifacts: removed-sample manifest, lineage, report, model
     artifacts = {a.path for a in client.list_artifacts(run_id, "sanitization")}
     assert {"sanitization/removed_samples.csv", "sanitization/lineage.json"} <= artifacts
