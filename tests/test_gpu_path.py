@@ -69,6 +69,21 @@ def test_fit_reads_nothing_back_per_step(read_backs, overrides):
     assert sum(few.values()) <= 2 * 3  # a handful per epoch
 
 
+def _profiled_scalar_reads(steps_per_epoch: int) -> int:
+    """Reads of a tensor's value made anywhere below Python too (an op calling .item() in C++ shows up as
+    aten::_local_scalar_dense; aten::nonzero must size its output from the data), in 2 epochs of fit."""
+    images, labels = colour_task(FAST["batch_size"] * steps_per_epoch)
+    data = TensorData(images, labels)
+    cfg = TrainConfig(**{**FAST, "epochs": 2, "flip_pairs": ((0, 1),), "loss_trim": 0.1})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fit(data, cfg, progress=False, sample_weights=np.ones(len(data)))
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::nonzero"))
+
+
+def test_profiler_sees_no_scalar_read_per_step():
+    assert _profiled_scalar_reads(4) == _profiled_scalar_reads(16)
+
+
 def test_sample_weights_read_nothing_back_per_step(read_backs):
     few = _fit_read_backs(read_backs, 4, weighted=True)
     many = _fit_read_backs(read_backs, 16, weighted=True)
