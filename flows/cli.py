@@ -219,7 +219,7 @@ def cmd_lineage(args) -> int:
     from incompat import lineage
 
     check = lineage.verify(args.path, roots=args.root)
-    record = lineage.read_json(check.record)  # verify has checked every key read below
+    record = check.contents  # the record verify read and checked (every key read below is there)
     if check.authenticated:
         scope = (f"integrity and authenticity: the record's HMAC under ${lineage.KEY_ENV} matches, its digests "
                  "match the files it names, and its datasets carry its content digest")

@@ -212,6 +212,29 @@ def read_json(path: str | os.PathLike) -> dict:
     return files.read_json(path, DataError)
 
 
+MAX_RECORD_BYTES = 256 << 20  # a record lists files and steps: far below this, unless it is something else
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """A lineage record as JSON, opened like file_sha256 opens a file: a FIFO or device put in its place between
+    find_record's check and this read is refused, not waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: {_file_type(st.st_mode)}, not a regular file; refusing to read it")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise DataError(f"{path}: {st.st_size} bytes, too large for a lineage record")
+        raw = fh.read(MAX_RECORD_BYTES + 1)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+
+
 def digest(path: str | os.PathLike | None) -> str | None:
     """The content digest a reference to `path` would record (None for no path)."""
     return reference("source", path)["digest"] if path else None
@@ -363,6 +386,7 @@ class Verification:
     checks: list[Check] = field(default_factory=list)
     roots: list[Path] = field(default_factory=list)
     authenticated: bool = False  # the signature was checked against $INCOMPAT_LINEAGE_KEY
+    contents: dict = field(default_factory=dict)  # the record as verified (checked keys and types)
 
     @property
     def ok(self) -> bool:
@@ -489,7 +513,7 @@ def verify(path: str | os.PathLike, roots: list[str | os.PathLike] = ()) -> Veri
     record's outputs (a dataset named must be that output itself). `roots`: more folders references may lie in."""
     named = Path(path)
     record_path = find_record(named)
-    record = read_json(record_path)
+    record = read_record(record_path)
     version = record.get("lineage_version") if isinstance(record, dict) else None
     if version != LINEAGE_VERSION:
         hint = "; records before version 2 carry no digests of their own: run the filter step again" \
@@ -505,7 +529,7 @@ def verify(path: str | os.PathLike, roots: list[str | os.PathLike] = ()) -> Veri
             raise DataError(f"{named}: not an output of {record_path} (its outputs: {names}); its lineage is "
                             "not recorded there")
     allowed = [base] + [p for p in (project_root(base),) if p is not None] + [Path(r).resolve() for r in roots]
-    result = Verification(record_path, roots=list(dict.fromkeys(allowed)))
+    result = Verification(record_path, roots=list(dict.fromkeys(allowed)), contents=record)
     result.checks, result.authenticated = _seal_checks(record, record_path)
     result.checks += [_output_check(ref, base, record) for ref in record["outputs"]]
     result.checks += [_reference_check(ref, base, result.roots) for ref in references(record)]

@@ -170,6 +170,20 @@ def test_lineage_reads_no_fifo_no_device_and_nothing_outside_its_roots(project, 
     assert check["status"] == "error" and "not a readable Parquet file" in check["detail"]
 
 
+@pytest.mark.timeout(20)
+def test_a_record_that_is_a_fifo_or_a_device_is_not_read(project, capsys):
+    record = project / "run" / "lineage.json"
+    record.unlink()
+    record.symlink_to("/dev/zero")
+    assert _lineage(project / "run") == 1
+    assert "no lineage record" in capsys.readouterr().err
+    record.unlink()
+    os.mkfifo(record)
+    assert _lineage(record) == 1
+    with pytest.raises(DataError, match="a FIFO, not a regular file"):
+        lineage.read_record(record)  # swapped in after find_record's check: refused, not waited on
+
+
 # --- defect: lineage passed what it must catch -------------------------------------------------------------------
 
 def test_a_deleted_clean_parquet_fails_even_where_the_original_still_exists(project, built, capsys):
