@@ -177,9 +177,9 @@ def complete_scenarios(csv_path: Path, methods: list[str]) -> list[str]:
     return [s for s, m in seen.items() if set(methods) <= m]
 
 
-def run_scenarios(args, cache: Path, out: Path, deadline: float, log: Log) -> dict:
+def run_scenarios(args, cache: Path, out: Path, deadline: float, log: Log) -> tuple[dict, str | None]:
     """bench/bench_defense.py in a child process until the scenarios are done or the deadline; returns when each
-    scenario finished (seconds since the child started)."""
+    scenario finished (seconds since the child started) and what went wrong, if the child failed."""
     params = out / "device_params.yaml"
     write_params(params, args.profile, args.retrain_epochs, args.smoke)
     csv_path = out / "defense.csv"
@@ -193,6 +193,7 @@ def run_scenarios(args, cache: Path, out: Path, deadline: float, log: Log) -> di
     methods = args.methods.split(",")
     started = time.monotonic()
     finished_at: dict[str, float] = {}
+    error = None
     with open(out / "device_check.log", "a") as child_log:
         child = subprocess.Popen(cmd, stdout=child_log, stderr=subprocess.STDOUT, cwd=ROOT)
         while child.poll() is None and time.monotonic() < deadline:
@@ -210,10 +211,10 @@ def run_scenarios(args, cache: Path, out: Path, deadline: float, log: Log) -> di
                 child.kill()
                 child.wait()
         elif child.returncode != 0:
-            log(f"bench_defense.py exited with status {child.returncode} (its output is above)")
+            error = f"bench_defense.py exited with status {child.returncode} (its output is above)"
     for s in complete_scenarios(csv_path, methods):
         finished_at.setdefault(s, time.monotonic() - started)
-    return finished_at
+    return finished_at, error
 
 
 def summarise(args, finished_at: dict, out: Path, log: Log) -> None:
@@ -292,15 +293,34 @@ def main(argv=None) -> int:
             train_t = train.subset(np.arange(min(len(train), args.throughput_images or 64)))
         else:
             train_t = train
-        throughput(train_t, out, args.smoke, args.batch_size or (32 if args.smoke else 512), log)
-        sync_check(train, log)
+        # One lease, one try: a phase that fails is logged with its traceback and the next one still runs.
+        failed = []
+        guarded(failed, log, "throughput", throughput, train_t, out, args.smoke,
+                args.batch_size or (32 if args.smoke else 512), log)
+        guarded(failed, log, "sync check", sync_check, train, log)
         del train, train_t
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the scenarios run in a child process: give it the memory
-        finished_at = run_scenarios(args, cache, out, start + budget - 5, log)
-        summarise(args, finished_at, out, log)
-    log("device_check done")
-    return 0
+        finished_at, error = guarded(failed, log, "scenarios", run_scenarios, args, cache, out, start + budget - 5,
+                                     log) or ({}, None)
+        if error:
+            log(error)
+            failed.append("scenarios")
+        guarded(failed, log, "summary", summarise, args, finished_at, out, log)
+    log(f"device_check done{'; FAILED: ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
+def guarded(failed: list, log: Log, name: str, phase, *args):
+    """phase(*args), or None after logging its traceback and adding `name` to `failed`."""
+    try:
+        return phase(*args)
+    except Exception:  # noqa: BLE001 -- reported, and the exit status says so
+        import traceback
+
+        log(f"{name} failed:\n{traceback.format_exc()}")
+        failed.append(name)
+        return None
 
 
 if __name__ == "__main__":
