@@ -1,5 +1,6 @@
 """The trainer's GPU path, checked on the CPU: no host read-back per step, the autocast choice per device, and
-bench/device_check.sh --smoke end to end. Tiny synthetic data (16x16 images, width-8 CNN): seconds each."""
+bench/device_check.sh --smoke end to end. Tiny synthetic data (16x16 images, width-8 CNN): seconds each, except the
+smoke run (two Python processes, three trainings and a defense: about a minute on two busy cores)."""
 
 import csv
 import os
