@@ -19,8 +19,13 @@ import yaml
 MAX_EXPANDED_NODES = 100_000
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-9` and `1.5e3` as numbers, as YAML 1.2 does (and DVC, which reads the same
+# libyaml's parser where PyYAML was built with it: params.yaml parses in ~8 ms instead of ~70 ms (busy 2-core
+# machine), and it is read a few times per run. Same nodes, same safe constructor, same error classes.
+_SafeBase = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+class _Loader(_SafeBase):
+    """The safe loader that also reads `1e-9` and `1.5e3` as numbers, as YAML 1.2 does (and DVC, which reads the same
     params.yaml with ruamel): YAML 1.1 wants a dot and a signed exponent, and PyYAML would hand `--set
     data_fraction=1e-9` on as the string '1e-9'."""
 

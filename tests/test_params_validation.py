@@ -3,6 +3,7 @@ the file, group and key (or the --set flag), and none of it waits for Prefect to
 
 import dataclasses
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -220,22 +221,24 @@ def test_python_tag_in_params_is_one_line_through_the_command_line(tmp_path):
     done = subprocess.run([str(CLI), "evaluate", "--params", "bad.yaml", "--no-retrain"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 1, done.stderr
-    assert done.stderr.strip() == ("incompat evaluate: error: bad.yaml line 1 column 10: could not determine a "
-                                   "constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'")
+    assert re.fullmatch(r"incompat evaluate: error: bad.yaml line 1 column \d+: could not determine a constructor "
+                        r"for the tag 'tag:yaml.org,2002:python/object/apply:os.system'", done.stderr.strip()), \
+        done.stderr
     assert not marker.exists() and not (tmp_path / "prefect").exists()
 
 
 @pytest.mark.parametrize("text, message", [
-    ("defense:\n  bags: [1, 2\n  boost: 3\n", "bad.yaml line 3 column 8: expected ',' or ']', but got ':'"),
-    ("defense: {bags: 1}\n\tboost: 2\n", "bad.yaml line 2 column 1: found character '\\t' that cannot start any token"),
-    ("- just\n- a list\n", "bad.yaml: expected a mapping of parameter groups, got list"),
-    ("a: 1\n---\nb: 2\n", "bad.yaml line 2 column 1: but found another document (expected a single document"),
+    # (libyaml's and PyYAML's parsers word some problems differently)
+    ("defense:\n  bags: [1, 2\n  boost: 3\n", r"bad.yaml line 3 column 8: .*expected ',' or ']'"),
+    ("defense: {bags: 1}\n\tboost: 2\n", r"bad.yaml line 2 column 1: found character .*that cannot start any token"),
+    ("- just\n- a list\n", r"bad.yaml: expected a mapping of parameter groups, got list"),
+    ("a: 1\n---\nb: 2\n", r"bad.yaml line 2 column 1: but found another document \(expected a single document"),
 ])
 def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys, text, message):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, text, "bad.yaml")
     assert main(["sanitize", "data.parquet", "--out", "out", "--params", "bad.yaml"]) == 1
-    assert one_line_error(capsys).startswith(f"incompat sanitize: error: {message}")
+    assert re.match(f"incompat sanitize: error: {message}", one_line_error(capsys))
 
 
 # --------------------------------------------------------------------------------------- before Prefect
