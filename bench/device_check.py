@@ -261,6 +261,8 @@ def main(argv=None) -> int:
                    help="seconds for the whole check; the scenario run is stopped at the deadline (default 440, "
                         "--smoke: no deadline)")
     p.add_argument("--data-dir", type=Path, default=None, help="the folder of CIFAR-10's train/test.parquet")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run the full check without CUDA (ResNet-32 on all of CIFAR-10: hours on two cores)")
     p.add_argument("--profile", default="gpu")
     p.add_argument("--scenarios", default=None, help="default paper:100:0-23 (--smoke: paper:100:0)")
     p.add_argument("--methods", default="none,oracle,ispl")
@@ -279,6 +281,10 @@ def main(argv=None) -> int:
     (out / "device_check.log").unlink(missing_ok=True)
     log = Log(out / "device_check.log", start)
     device = resolve_device()
+    if device.type != "cuda" and not (args.smoke or args.allow_cpu):
+        log("no CUDA device here: the full check is meant for the GPU machine; --smoke runs its code on a CPU "
+            "(--allow-cpu forces the full one)")
+        return 3
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     log(f"device_check{' (smoke)' if args.smoke else ''}: torch {torch.__version__}, python "
         f"{sys.version.split()[0]}, device {device} ({gpu}), training autocast "

@@ -18,7 +18,8 @@
 #     typing-inspection==0.4.5 typing_extensions==4.16.0
 # CIFAR-10 is looked for in $INCOMPAT_DATA_DIR, ../shared/data/cifar10, shared/data/cifar10, then
 # bench/results/device_data/cifar10 (the place to copy it to and name in the run's carry: ../shared does not travel).
-# Exit status 3: no usable python, a package missing, or no CIFAR-10 (outside --smoke); the message says which.
+# Exit status 3: no usable python, a package missing, or (outside --smoke) no CUDA or no CIFAR-10; the message says
+# which. Exit status 1: a phase failed (its traceback is in the log; the other phases still ran).
 set -u
 cd "$(dirname "$0")/.."
 
