@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import sys
@@ -21,8 +20,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "incompat"
 # How many of a dataset's first images go into a logged model's input example.
 MODEL_EXAMPLE_IMAGES = 2
-
-log = logging.getLogger("incompat.tracking")
 
 
 def tracking_uri() -> str:

@@ -167,7 +167,8 @@ def test_logged_model_predicts_raw_images_without_the_project(tmp_path, mlflow_s
     write_dataset(test, tmp_path / "test.parquet")
     tracker = Tracker()
     with tracker.run("model"):
-        uri = tracker.log_model(tmp_path / "after.pt", example_dataset=tmp_path / "test.parquet")
+        uri = tracker.log_model(tmp_path / "after.pt", example_dataset=tmp_path / "test.parquet",
+                                registered_model_name="signs-classifier")
     # the trainer's own way: normalised with the training set's statistics, outside the model
     expected = predict(model, TensorData(test.images, test.labels, mean=data.mean, std=data.std, num_classes=3))
     assert (expected == test.labels).mean() >= 0.9  # a model worth checking
@@ -177,6 +178,8 @@ def test_logged_model_predicts_raw_images_without_the_project(tmp_path, mlflow_s
     assert spec.type == np.dtype("uint8") and tuple(spec.shape) == (-1, 8, 8, 3)
     assert info.saved_input_example_info is not None
     assert info.metadata["class_names"] == ["class0", "class1", "class2"]
+    (version,) = _client(mlflow_store).search_model_versions("name='signs-classifier'")
+    assert version.run_id == tracker.run_id  # registered, when a name is given
 
     np.save(tmp_path / "images.npy", test.images)
     empty = tmp_path / "elsewhere"
