@@ -3,6 +3,7 @@ report, as one MLflow run. The default pipeline (`make run`, `incompat pipeline`
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow
@@ -12,10 +13,27 @@ from incompat import lineage
 from incompat.config import load_params
 from incompat.steps import Layout, exclusive_run
 from tasks import steps as t
+from tasks.artifacts import publish_sanitization
 from tasks.tracking import Tracker, params_in_use
 
 
-@flow(name="evaluate", version=t.STEP_VERSION, log_prints=True)
+def run_name() -> str:
+    """`evaluate <scenario> <UTC time>`, the scenario given or params.yaml's: runs told apart in Prefect's UI."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    scenario = parameters.get("scenario")
+    if not scenario:
+        try:
+            scenario = load_params(parameters.get("params_path", "params.yaml")).poison.scenario
+        except Exception:  # a bad params file fails the flow itself, with its own message
+            scenario = "params.yaml"
+    return f"evaluate {scenario} {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+# The result is a small dict of counts, paths and digests: JSON, not a pickle (reading it must not run code).
+@flow(name="evaluate", version=t.STEP_VERSION, log_prints=True, flow_run_name=run_name, persist_result=True,
+      result_serializer="json")
 def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: str | None = None,
              overrides: dict | None = None, scenario: str | None = None, experiment: str = "incompat",
              progress: bool = False, retrain: bool = True) -> dict:
@@ -60,6 +78,9 @@ def evaluate(params_path: str = "params.yaml", data_dir: str = "data", profile: 
                 "outputs", [])], params_path=str(Path(params_path).resolve()), title=f"incompat: {scenario}")
         result["report"] = report
         log_sanitization(tracker, layout, [p.source])
+        publish_sanitization("evaluate", f"evaluate {scenario}", layout, tracker, truth,
+                             extra={"scenario": scenario, "defense profile": params.profile,
+                                    "lineage": str(layout.lineage)})
         if retrain:
             tracker.log_model(layout.model_after, example_dataset=layout.raw_test)
         result["mlflow_run_id"] = tracker.run_id

@@ -14,6 +14,7 @@ import io
 import json
 import os
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, task
@@ -23,6 +24,7 @@ from incompat import lineage, steps
 from incompat.config import load_params
 from incompat.files import write_text_atomic
 from tasks import steps as t
+from tasks.artifacts import publish_grid
 from tasks.tracking import Tracker, params_in_use
 
 COLUMNS = ["scenario", "method", "poison_total", "poison_removed", "clean_removed", "clean_removed_fraction",
@@ -36,8 +38,9 @@ def scenario_list(scenarios: list[str] | None, paper_seed: int | None, ids: list
     return [f"paper:{paper_seed}:{i}" for i in (ids if ids is not None else range(24))]
 
 
+# One retry, on I/O errors only (a scenario on a busy or briefly gone disk); a bad scenario or bad data fails at once.
 @task(name="scenario", version=t.STEP_VERSION, cache_policy=t.STEP_CACHE, persist_result=True,
-      result_serializer="json", retries=1, retry_delay_seconds=5)
+      result_serializer="json", retries=1, retry_delay_seconds=5, retry_condition_fn=t._io_error)
 def run_scenario(root: str, raw_dir: str, raw_digests: list[str], scenario: str, params_path: str,
                  params_digest: str, retrain: bool = True, threads: int | None = None) -> dict:
     """One scenario in its own folder; the ingested data is shared (hard links, read only)."""
@@ -103,7 +106,18 @@ def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-@flow(name="grid", version=t.STEP_VERSION)
+def run_name() -> str:
+    """`grid <n> scenarios <UTC time>` (n: the scenarios given, else the paper's ids asked for)."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    ids = parameters.get("ids")
+    count = len(parameters.get("scenarios") or (ids if ids is not None else range(24)))
+    return f"grid {count} scenarios {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+# The summary is rows of numbers, paths and timings: JSON, not a pickle (reading it must not run code).
+@flow(name="grid", version=t.STEP_VERSION, flow_run_name=run_name, persist_result=True, result_serializer="json")
 def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: list[int] | None = None,
          out: str = "data/grid", params_path: str = "params.yaml", retrain: bool = True,
          experiment: str = "incompat", threads_per_scenario: int | None = None) -> dict:
@@ -149,6 +163,7 @@ def grid(scenarios: list[str] | None = None, paper_seed: int | None = 100, ids: 
             tracker.client.set_terminated(child_id, "FINISHED")
         tracker.log_artifact(csv_path)
         tracker.log_artifact(md_path)
+        publish_grid(rows, tracker, csv_path)
     summary = {"rows": rows, "csv": str(csv_path), "markdown": str(md_path), "mlflow_run_id": tracker.run_id,
                "prefect_flow_run_id": flow_run_id(),
                "timing": {"submitted": submitted, "gathered": gathered,
@@ -211,14 +226,15 @@ def _one_api_for_local_workers(local: bool):
     worker process starts a temporary server of its own (task runs take the flow's settings with them, and those
     name none): one more server per worker, and an orphaned one, left running, for every worker killed mid-grid.
     Remote workers cannot reach 127.0.0.1: they need PREFECT_API_URL, as the README says."""
+    from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if not local or PREFECT_API_URL.value():
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the process-wide instance the flow's own client would start anyway
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    # Without an API URL, Prefect's public client starts (or reuses) this process's temporary server, the one the
+    # flow's own client talks to; its address is the client's API URL.
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url).rstrip("/")
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
         yield

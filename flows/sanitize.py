@@ -6,12 +6,17 @@ removed.parquet, metrics.json, lineage.json, report.html and the step manifests.
 `versioned=True` (the nightly deployment) every distinct input + parameters + code
 combination gets its own folder `OUT/v-<key>/`, and `OUT/LATEST` names the newest; the same inputs again land in
 the same folder and are served from Prefect's cache.
+
+Every batch of a successful run is recorded by content digest in `OUT/processed.json`. With
+`skip_when_no_incoming` (the nightly deployment) a run whose batches are all recorded does nothing: no steps, no
+MLflow run, no new version. A new batch makes a new version of the base plus every batch so far.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow
@@ -23,9 +28,11 @@ from incompat.data import DataError
 from incompat.files import write_text_atomic
 from incompat.steps import Layout, exclusive_run
 from tasks import steps as t
+from tasks.artifacts import publish_sanitization
 from tasks.tracking import Tracker
 
 BATCH_SUFFIXES = {".parquet", ".npz"}
+LEDGER = "processed.json"  # in OUT: the batches already sanitized, by content digest
 
 
 def incoming_batches(incoming: str | None) -> list[str]:
@@ -69,18 +76,57 @@ def version_key(source_digests: list[str], params, code: dict) -> str:
     return "v-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@flow(name="sanitize", version=t.STEP_VERSION, log_prints=True)
+def processed_batches(out: str | Path) -> dict:
+    """The ledger of batches already sanitized into OUT: content digest -> where and when (OUT/processed.json)."""
+    path = Path(out) / LEDGER
+    if not path.exists():
+        return {}
+    try:
+        ledger = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable ledger of processed batches ({exc}); move it away to start "
+                        "a new one (every batch then counts as new once)") from None
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("batches"), dict):
+        raise DataError(f"{path}: expected {{\"batches\": {{digest: ...}}}}")
+    return ledger["batches"]
+
+
+def record_processed(out: str | Path, batches: list[str], digests: list[str], version: str | None) -> None:
+    """Add the batches of a successful run to the ledger, so that the next night without a new one does nothing."""
+    ledger = processed_batches(out)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for batch, digest in zip(batches, digests):
+        ledger.setdefault(digest, {"path": batch, "version": version, "processed": when})
+    write_text_atomic(Path(out) / LEDGER, json.dumps({"batches": ledger}, indent=1, sort_keys=True) + "\n")
+
+
+def run_name() -> str:
+    """`sanitize <dataset> [+ incoming] <UTC time>`: runs told apart in Prefect's UI."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    incoming = f" + {Path(parameters['incoming']).name}" if parameters.get("incoming") else ""
+    return (f"sanitize {Path(str(parameters.get('dataset', ''))).name}{incoming} "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+# The result is a small dict of counts, paths and digests: JSON, not a pickle (reading it must not run code).
+@flow(name="sanitize", version=t.STEP_VERSION, log_prints=True, flow_run_name=run_name, persist_result=True,
+      result_serializer="json")
 def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = None, versioned: bool = False,
              params_path: str = "params.yaml", profile: str | None = None, overrides: dict | None = None,
              truth: str | None = None, experiment: str = "incompat", progress: bool = False,
              skip_when_no_incoming: bool = False) -> dict:
     params = load_params(params_path, profile=profile, defense_overrides=overrides)
     batches = incoming_batches(incoming)
-    if incoming and not batches and skip_when_no_incoming:
-        print(f"no new batches in {incoming}: nothing to sanitize")
-        return {"status": "no new data", "incoming": incoming}
+    batch_digests = [lineage.digest(b) for b in batches]
+    if incoming and skip_when_no_incoming:
+        done = processed_batches(out)
+        if all(digest in done for digest in batch_digests):  # no batch, or every one sanitized on an earlier run
+            print(f"no new batches in {incoming} ({len(batches)} already processed): nothing to sanitize")
+            return {"status": "no new data", "incoming": incoming, "already_processed": batches}
     sources = [dataset] + batches
-    source_digests = [lineage.digest(s) for s in sources]
+    source_digests = [lineage.digest(dataset)] + batch_digests
     out_dir = Path(out)
     version = version_key(source_digests, params, lineage.code_version()) if versioned else None
     layout = Layout(out_dir / version if version else out_dir, flat=True)
@@ -112,6 +158,12 @@ def sanitize(dataset: str, out: str = "data/sanitized", incoming: str | None = N
         log_sanitization(tracker, layout, sources)
         if version:
             write_text_atomic(out_dir / "LATEST", version + "\n")
+        publish_sanitization("sanitize", f"sanitize {Path(dataset).name}" + (
+            f" + {len(batches)} batch(es)" if batches else ""), layout, tracker, truth,
+            extra={"version": version or "(not versioned)", "defense profile": params.profile,
+                   "output folder": str(layout.root), "lineage": str(layout.lineage)})
+        if batches:  # last: a run that failed before here leaves its batches new for the next one
+            record_processed(out_dir, batches, batch_digests, version)
         result = {"status": "sanitized", "version": version, "ingest": ingested, "cluster": clustered,
                   "filter": filtered, "report": report, "mlflow_run_id": tracker.run_id,
                   "tracking_uri": tracker.uri, "prefect_flow_run_id": flow_run_id(),

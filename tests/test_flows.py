@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -242,15 +243,24 @@ def test_merge_keeps_the_first_copy_and_checks_classes():
         engine_steps.merge([("a", a), ("b", other)])
 
 
-def test_nightly_deployment_runs_its_flow_with_its_parameters(project, step_calls):
-    """prefect.yaml's nightly deployment, run as a flow with exactly its parameters (no scheduler)."""
+def _sanitize_runs(uri) -> list:
+    return [r for r in _runs(uri)[1] if r.data.tags.get("incompat.flow") == "sanitize"]
+
+
+def test_nightly_deployment_runs_its_flow_with_its_parameters(project, step_calls, mlflow_store):
+    """prefect.yaml's nightly deployment, run as a flow with exactly its parameters (no scheduler): nothing to do
+    without a batch, one run per new batch, and never two runs at once."""
     from pathlib import Path
 
     import importlib
 
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
     config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
     deployment = next(d for d in config["deployments"] if d["name"] == "nightly-sanitize")
     assert deployment["schedules"][0]["cron"] and deployment["work_pool"]["name"]
+    assert deployment["concurrency_limit"]["limit"] == 1
+    assert ConcurrencyLimitStrategy(deployment["concurrency_limit"]["collision_strategy"])
     module_path, flow_name = deployment["entrypoint"].split(":")
     flow = getattr(importlib.import_module(module_path[:-3].replace("/", ".")), flow_name)
     p = deployment["parameters"]
@@ -266,6 +276,19 @@ def test_nightly_deployment_runs_its_flow_with_its_parameters(project, step_call
     assert result["status"] == "sanitized"
     assert (Path(p["out"]) / "LATEST").read_text().strip() == result["version"]
     assert result["filter"]["n_samples"] == 320
+    # the next night, the same batch: no steps, no MLflow run, no new version
+    versions = sorted(Path(p["out"]).glob("v-*"))
+    assert len(_sanitize_runs(mlflow_store)) == 1 and len(versions) == 1
+    step_calls.clear()
+    assert flow(**p)["status"] == "no new data"
+    assert step_calls == [] and len(_sanitize_runs(mlflow_store)) == 1
+    assert sorted(Path(p["out"]).glob("v-*")) == versions
+    # a new batch: a new version of the base and both batches
+    write_dataset(make_imageset(n_per_class=1, n_classes=10, size=32, seed=6, prefix="nightly2"),
+                  Path(p["incoming"]) / "batch2.parquet")
+    newer = flow(**p)
+    assert newer["status"] == "sanitized" and newer["version"] != result["version"]
+    assert newer["filter"]["n_samples"] == 330 and len(_sanitize_runs(mlflow_store)) == 2
     grid = next(d for d in config["deployments"] if d["name"] == "paper-grid")
     module_path, flow_name = grid["entrypoint"].split(":")
     assert getattr(importlib.import_module(module_path[:-3].replace("/", ".")), flow_name).name == "grid"
@@ -299,3 +322,50 @@ def test_io_errors_are_retried_and_data_errors_are_not(project, monkeypatch):
     with pytest.raises(DataError, match="row 3"):
         evaluate(params_path="params.yaml", data_dir="data", retrain=False)
     assert len(attempts) == 1
+
+
+def _flow_run_and_artifacts(flow_run_id: str):
+    """The flow run and its artifacts by key, read back through the Prefect client."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])))
+    return run, {a.key: a for a in artifacts if a.key}  # keyless: Prefect's own result artifacts
+
+
+def _table(artifact) -> list[dict]:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def test_evaluate_flow_run_is_named_publishes_artifacts_and_keeps_a_json_result(project, mlflow_store):
+    import datetime
+
+    from flows.evaluate import evaluate
+
+    result = evaluate(params_path="params.yaml", data_dir="data", retrain=False)
+    run, artifacts = _flow_run_and_artifacts(result["prefect_flow_run_id"])
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert run.name.startswith("evaluate paper:100:15 ") and today in run.name
+    assert set(artifacts) == {"evaluate-removed-per-class", "evaluate-summary", "evaluate-report",
+                              "evaluate-mlflow-run"}
+    metrics = json.loads((project / "data" / "clean" / "metrics.json").read_text())
+    rows = _table(artifacts["evaluate-removed-per-class"])
+    assert len(rows) == 10 and sum(r["samples"] for r in rows) == 200
+    assert sum(r["removed"] for r in rows) == result["filter"]["n_removed"]
+    assert sum(r["poison"] for r in rows) == 2  # ground truth known: the detection per class
+    assert sum(r["poison_removed"] for r in rows) == metrics["poison_removed"]
+    summary = artifacts["evaluate-summary"].data
+    assert "poison removed" in summary and result["mlflow_run_id"] in summary
+    assert "report.html" in artifacts["evaluate-report"].data
+    assert f"/runs/{result['mlflow_run_id']}" in artifacts["evaluate-mlflow-run"].data
+    # the flow's own result is persisted as JSON, not as a pickle
+    stored = run.state.data
+    meta = stored.metadata if hasattr(stored, "metadata") else stored
+    assert meta.serializer.type == "json"
+    stored_file = Path(meta.storage_key)
+    assert json.loads(stored_file.read_bytes())["filter"]["n_removed"] == result["filter"]["n_removed"]

@@ -2,6 +2,7 @@
 from cache, and two grids at once share one MLflow store."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -121,3 +122,41 @@ def test_two_grids_at_once_share_one_mlflow_store(project, mlflow_store):
         assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 1
     for i in range(2):
         assert len(_table(project / f"g{i}" / "grid.csv")) == 1
+
+
+def test_a_bad_scenario_fails_once_and_an_io_error_is_retried(project, monkeypatch):
+    """run_scenario retries on I/O errors only: bad data is not retried, a briefly failing disk is."""
+    from flows import grid as grid_flow
+    from incompat import steps
+    from incompat.data import DataError
+
+    assert "prefect.server" not in Path(grid_flow.__file__).read_text()  # public Prefect API only
+    monkeypatch.setattr(grid_flow.run_scenario, "retry_delay_seconds", 0)
+    original, calls = steps.run_poison, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "run_poison", counted)
+    with pytest.raises(DataError, match="paper:100:99"):
+        grid_flow.run_grid(workers=1, scenarios=["paper:100:99"], out="bad", retrain=False)
+    assert calls == ["paper:100:99"]  # once: no retry
+
+    def disk_hiccup(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise OSError("disk briefly unavailable")
+        return original(*args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(steps, "run_poison", disk_hiccup)
+    result = grid_flow.run_grid(workers=1, scenarios=SCENARIOS[:1], out="ok", retrain=False)
+    assert calls == SCENARIOS[:1] * 2 and len(result["rows"]) == 1
+    # the flow run: named, with the table and the MLflow link as artifacts
+    from tests.test_flows import _flow_run_and_artifacts
+
+    run, artifacts = _flow_run_and_artifacts(result["prefect_flow_run_id"])
+    assert run.name.startswith("grid 1 scenarios ")
+    assert [row["scenario"] for row in json.loads(artifacts["grid-table"].data)] == [result["rows"][0]["scenario"]]
+    assert f"/runs/{result['mlflow_run_id']}" in artifacts["grid-mlflow-run"].data
