@@ -163,3 +163,41 @@ def test_without_a_terminal_progress_comes_as_lines_logs_reach_prefect_and_a_cac
     for expected in ("ingest: started", "cluster: started", "cluster: done in", "filter: done in"):
         assert any(m.startswith(expected) for m in messages), (expected, messages)
     assert any("n_removed=" in m for m in messages), messages
+
+
+def test_line_progress_writes_at_most_one_line_per_interval_plus_start_and_end(monkeypatch):
+    """Ten minutes of updates every second at the default 30 s interval: 20 lines between start and end, not 600."""
+    import io
+
+    from incompat import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.delenv("INCOMPAT_PROGRESS_SECONDS", raising=False)
+    out = io.StringIO()
+    bar = progress.LineProgress(total=600, desc="weak learners", stream=out)
+    for _ in range(600):
+        clock[0] += 1
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("weak learners: started (0/600, 0%)")
+    assert lines[-1].endswith("weak learners: finished (600/600, 100%) in 10 min 00 s")
+    assert len(lines) == 2 + 19  # at 30 s, 60 s, ... 570 s; the end line stands for 600 s
+    assert "weak learners: 300/600, 50%, 5 min 00 s elapsed, about 5 min 00 s left" in out.getvalue()
+
+
+def test_progress_is_lines_without_a_terminal_and_a_bar_on_one(monkeypatch):
+    import io
+
+    from incompat import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())
+    assert isinstance(progress.progress(True, 10, "x"), progress.LineProgress)
+    assert progress.progress(False, 10, "x").disable
+    monkeypatch.setattr(progress.sys, "stderr", Terminal())
+    assert not isinstance(progress.progress(True, 10, "x"), progress.LineProgress)
