@@ -2,7 +2,9 @@
 
 Without PREFECT_API_URL, flows run on Prefect's temporary local server, with its database and the task results
 (the cache) under the project's .prefect/; with PREFECT_API_URL set, against that server. What the user set
-always wins.
+always wins. Prefect's run logs go to its API (the UI) at INFO while its console handler stays quiet unless
+verbose; MLflow's HTTP client gets timeouts short enough that a dead tracking server fails the run in about a
+minute rather than a quarter of an hour.
 """
 
 from __future__ import annotations
