@@ -284,6 +284,10 @@ def replace_together(root: str | os.PathLike, paths: list[Path], name: str) -> I
                 if backup.name.endswith(".partial"):
                     shutil.rmtree(backup, ignore_errors=True)  # killed before the unit began: nothing was written
                 else:
+                    import logging
+
+                    logging.getLogger(__name__).warning("%s: a run stopped part-way; putting back the files it "
+                                                        "replaced (%s)", leftover, backup.name)
                     _restore(backup, leftover)
     backup = root / f"{PREVIOUS_PREFIX}{name}"
     partial = root / f"{PREVIOUS_PREFIX}{name}.partial"
