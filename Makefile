@@ -38,5 +38,8 @@ test: $(STAMP) chromium
 bench: $(STAMP)
 	$(PY) bench/bench_trainer.py
 
+# The outputs go; the .gitignore files in the output folders stay (git tracks them: without them a later
+# `make run` would leave every output as an untracked file).
 clean:
-	rm -rf runs data/raw data/poisoned data/cluster data/clean data/models data/reports data/checkpoints
+	rm -rf runs data/raw data/poisoned data/models data/checkpoints
+	rm -rf data/cluster/* data/clean/* data/reports/*
