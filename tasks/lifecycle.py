@@ -29,7 +29,7 @@ from pathlib import Path
 
 # Prefect needs well under a second to report a crash to a server that answers; past this, it is retrying one
 # that does not, and the user waits for nothing.
-STOP_GRACE_SECONDS = 2.0
+STOP_GRACE_SECONDS = 1.5
 # how long processes we started get to exit on SIGTERM before SIGKILL, and MLflow to mark the run
 CHILD_EXIT_SECONDS = 0.5
 MLFLOW_MARK_SECONDS = 1.5
