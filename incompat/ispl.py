@@ -32,9 +32,7 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         replaces its earlier ones (no EMA: refinement_decay is unused). The paper's refinement
                         judges the kept samples too, after 100 epochs that fit them; after a few epochs they are
                         not fitted yet, so judging them in-sample removes clean images the model merely has not
-                        learned (measured on six full CIFAR-10 scenarios, same learners and cost: 42-44% of the
-                        clean images removed, against 14-15% when only the outside is judged; median poison
-                        recall 90% against 72%).
+                        learned, about three times as many (docs/results.md, "Design choices").
   anomalous cells       (anomaly_ratio > 0) a (label, predicted class) cell among the low-scoring samples
                         (p(label) < anomaly_threshold) that holds anomaly_ratio times more samples than a
                         quasi-symmetric confusion model expects from its transposed cell, significantly
@@ -42,7 +40,7 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         source->target poisoning. Its samples are removed up to p(label) < anomaly_threshold.
   trimmed refinement    (refinement_loss_trim > 0) the refinement model leaves each batch's highest losses out of
                         its gradient, so the poisons among what it trains on are learned less. Off in every
-                        profile: on full CIFAR-10 it helped on some scenarios and hurt on others (README).
+                        profile: on full CIFAR-10 it helped on some scenarios and hurt on others (docs/results.md).
 
 Ground truth is never an input here. Every random draw comes from a seed derived from (seed, bag, learner,
 round), so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
@@ -117,7 +115,7 @@ class DefenseConfig:
     # Cross-fitted: every class keeps at least this fraction of its samples (its highest p(label)) in the set each
     # judge trains on (from the second round: the first trains on the vote's keep). A small class the first
     # 3-epoch judges have not learned yet scores low, drops out of their training set, and is then never learned:
-    # on full GTSRB whole classes of 210-360 images were removed.
+    # on full GTSRB whole small classes were removed.
     refinement_class_floor: Fraction = 0.0
     # all (paper: the kept samples too) | outside (only samples not trained on)
     refinement_judge: RefinementJudge = "all"
@@ -593,14 +591,12 @@ def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_prob
     most probable other class) cell, relative to the most enriched cell of its label. A poisoning relabels a group
     of one class's images as another, so one (target, source) cell fills far beyond its transposed cell, while
     natural confusions run both ways; by contradiction alone the poisons drown among the hard images of the
-    target class (measured on full CIFAR-10, 3->7 pattern 10%: 2 of the target class's 16 most suspicious were
-    poisons; with the enrichment, 13).
+    target class, and the enrichment lifts them to the top of the review.
 
     `judged` (outside judging): `correct` is then the refinement's verdict p(label), from a model that never
-    trained on the sample, and removed samples are ranked by 1 - that alone. On six full CIFAR-10 grid scenarios
-    it catches more poisons than the learners' score at every clean budget from 1% to 15% (at 15%: median 72%
-    against 56%; 7->4 pixel 5%: 57% against 3%); the cell enrichment on top of it capped three of the six at
-    3-75%, where the judge alone reaches 57-99%."""
+    trained on the sample, and removed samples are ranked by 1 - that alone: it ranks poisons higher than the
+    learners' score does, and the cell enrichment on top of it only got in the way (figures: docs/results.md,
+    "Design choices")."""
     label_probability = mean_probs[np.arange(len(labels)), labels]
     kept_score = 1.0 - (vote_agreement + correct + label_probability) / 3.0
     removed_score = (1.0 - np.clip(correct, 0.0, 1.0)) if judged else attack_score(mean_probs, labels, n_classes)
@@ -669,8 +665,8 @@ def anomalous_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int, thres
     z is the signed root of the likelihood-ratio statistic of C[t,s] out of C[t,s] + C[s,t] against the fitted
     share exp(u_t - u_s) / (1 + exp(u_t - u_s)). The Wald z of the log ratio it replaces has a variance term
     1 / (C[s,t] + 0.5) that caps it below log(2 C[t,s] + 1) / sqrt(2) when the transposed cell is empty, which is
-    what a poisoning looks like: 211 samples against 0 scored 4.3 and was never flagged at z_min 5 (full GTSRB,
-    13->33 pattern 10%); this z is 15.9 there."""
+    what a poisoning looks like: a large attacked cell facing an empty one stayed under the usual z_min. The
+    likelihood-ratio z grows with the cell's count (docs/results.md, "Design choices")."""
     n = len(labels)
     score = probs[np.arange(n), labels]
     predicted = most_probable_other(probs, labels)

@@ -23,10 +23,9 @@ class SmallCNN(nn.Module):
     """The CPU workhorse: `depth` blocks of conv3x3 -> maxpool2 -> BN -> ReLU with widths w, 2w, 4w, ...,
     then global average pooling and one linear layer.
 
-    Pooling right after the convolution (as airbench does) gives BN and ReLU a quarter of the pixels: on this
-    machine 4,127 vs 3,647 training images/s (bf16) and 2,775 vs 1,975 (fp32) against conv-BN-ReLU-pool, with
-    the same accuracy. Width 32, 3 blocks: 94,762 parameters, ~10 MMAC per 32x32 image; width 48 halves the
-    speed (numbers in incompat/training.py).
+    Pooling right after the convolution (as airbench does) gives BN and ReLU a quarter of the pixels, so it
+    trains faster than conv-BN-ReLU-pool at the same accuracy. Width 32 with 3 blocks is about 95k parameters;
+    wider nets cost more than their FLOPs suggest (figures: docs/results.md, "Design choices").
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, depth: int = 3):

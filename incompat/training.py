@@ -1,5 +1,6 @@
 """The trainer: the whole recipe in one file, airbench-style. This is the hot path of the product (a defense run
-trains hundreds of small models), so every choice below is measured, and the numbers are written next to it.
+trains hundreds of small models), so every choice below was measured; the figures, with their dates and commands,
+are in docs/results.md ("Speed and memory", "Design choices").
 
 The tricks, in the order a batch meets them:
   1. The dataset lives once, as a uint8 tensor on the device (N, C, H, W in channels_last memory = NHWC bytes).
@@ -17,27 +18,15 @@ The tricks, in the order a batch meets them:
      memory without a wait, the losses stay on the device and are read once per epoch, predictions are gathered
      on the device and copied once. On a GPU the host can then queue steps ahead of the kernels.
 
-Measured on this machine (2-core AMD EPYC with AVX512-BF16, torch 2.14.1; small_cnn width 32, 32x32 inputs).
-Training step only (fixed random batch), best of 5 interleaved rounds, images/s, 2 threads:
-                                   fp32 contiguous   fp32 channels_last   bf16 channels_last
-    conv-BN-ReLU-pool, batch 256        1362              1975                 3647
-    conv-pool-BN-ReLU, batch 256          -               2775                 4127
-    conv-pool-BN-ReLU, batch 128          -                 -                  4131
-    conv-pool-BN-ReLU, batch 512          -                 -                  3623
-  threads: 1 thread 2391 img/s, 2 threads 4127 img/s (one process), so 2 threads for a single training; see
-  TrainConfig.threads for why 1 thread per process is the choice for models trained side by side.
-  Wider nets cost more than their FLOPs suggest: width 48 1965 img/s, width 64 1255 img/s (bf16, batch 256).
-Whole fit() on CIFAR-10, batch assembly and augmentation included (bench/bench_trainer.py, quiet machine):
-    this trainer 3,758 img/s (fp32: 2,217) vs the paper's per-sample PIL Dataset + torchvision transforms +
-    DataLoader (2 workers, fp32) 986 img/s: 3.8x. Same DataLoader with channels_last + bf16: 2,115 img/s.
-    15 epochs on 50k images: 180 s at 4,159 img/s, 78.7% test accuracy.
-Batch assembly (batch 256): 0.6 ms plain, 1.7-3 ms augmented, against ~60 ms for the step itself.
-On a 2-core AMD EPYC with AVX2 only (no AVX-512, no native bf16: fp32 is used), a 6,000-image epoch of fit() ran
-at 890-1,275 img/s with glibc's default malloc and 1,248-1,880 img/s with tune_allocator() (noisy machine; see
-tune_allocator and bench/bench_trainer.py --allocator).
-Not used: torch.compile (first step 37 s, then no faster: 2,514 vs 2,948 img/s uncompiled in the same run);
-a maxpool written as torch.maximum of strided slices (forward as fast, backward 10x slower).
-Side by side: two 1-thread processes trained at 1,944 + 2,208 img/s while one 2-thread process did 3,515.
+Why these and not others:
+  - channels_last with bf16 autocast is the fastest layout on CPUs with native bf16, and pooling before BN/ReLU
+    beats the usual order at the same accuracy; fp32 stays where the CPU has no native bf16 (it is slower there).
+  - One process with 2 threads is the fastest single training; models trained side by side (or on a busy
+    machine) run faster with 1 thread each, because OpenMP threads wait on a busy core (TrainConfig.threads).
+  - Wider nets cost more than their FLOPs suggest, so the small CNN stays at width 32.
+  - Batch assembly and augmentation are a few ms against tens of ms for the step: not worth a second process.
+  - torch.compile costs a long first step and was not faster; a hand-written maxpool was slower backwards.
+  - On CPUs where glibc maps and unmaps the activation buffers on every step, tune_allocator keeps them.
 """
 
 from __future__ import annotations
@@ -77,8 +66,7 @@ Milestone = Annotated[float, at.Interval(gt=0, lt=1)]
 # The smallest last (partial) batch that is still trained on; a smaller remainder is dropped for that epoch
 # (BatchNorm statistics of 1-3 samples are noise). A subset smaller than this is trained on as one batch.
 MIN_LAST_BATCH = 4
-# Inference (small_cnn, 10k CIFAR-10 test images): batches of 256-512 ran at 5,600-12,800 img/s, 1024 at
-# 3,500-6,600 (cache-bound); 512 it is.
+# Inference batches of 256-512 were the fastest for small_cnn; 1024 is cache-bound and slower.
 DEFAULT_EVAL_BATCH = 512
 
 
@@ -88,17 +76,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """One training run. Defaults: the measured CPU recipe for `small_cnn` (bench/bench_trainer.py --accuracy).
-
-    Full CIFAR-10 (50k images, 2 quiet cores): 15 epochs in 180 s (4,159 img/s), 78.7% test accuracy.
-    Chosen from 8-epoch runs on 50k images (1 thread, seed 0, test accuracy):
-        lr 0.2: 75.6%   lr 0.2 fp32: 76.0% (1.8x slower)   lr 0.4: 76.7%   lr 0.2 + label smoothing 0.1: 76.4%
+    """One training run. Defaults: the CPU recipe for `small_cnn`, chosen by 8-epoch runs on full CIFAR-10 and
+    checked by bench/bench_trainer.py --accuracy (figures: docs/results.md, "Design choices").
     """
 
     model: ModelName = "small_cnn"
-    width: Count | None = None  # None: the model's standard width (small_cnn 32; 48 and 64 are 2x / 3x slower)
-    epochs: Count = 15  # 8 epochs already give ~76% (100 s); 15 keep a margin under 5 min on a busy machine
-    batch_size: Count = 256  # 128 and 256 train at the same speed here (bf16); 512 is ~12% slower
+    width: Count | None = None  # None: the model's standard width (small_cnn 32; wider is much slower)
+    epochs: Count = 15  # most of the accuracy comes early; 15 fit a full CIFAR-10 training in minutes
+    batch_size: Count = 256  # as fast as 128 on CPU; 512 is slower
     lr: PositiveFloat = 0.4  # peak learning rate
     momentum: FractionBelowOne = 0.9
     nesterov: bool = True
@@ -126,13 +111,13 @@ class TrainConfig:
     seed: Seed = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA: autocast to bf16 (fp16 + grad scaling where bf16 is missing)
-    # None: bf16 autocast where the CPU has native bf16. Here: 2x the speed (4,127 vs 2,775 img/s, 2 threads)
-    # at the same accuracy (75.6% vs 76.0% after 8 epochs, within seed noise).
+    # None: bf16 autocast where the CPU has native bf16: about twice the speed at the same accuracy (within seed
+    # noise); emulated bf16 on other CPUs is slower than fp32.
     cpu_bf16: bool | None = None
-    # torch.set_num_threads during fit (restored after); None leaves the process setting alone. Quiet machine:
-    # 2 threads 4,127 img/s, 1 thread 2,391. But when the other core is busy, 2 OpenMP threads wait on each
-    # other: CIFAR-10 training fell to ~1,300 img/s (1 thread: ~2,000) and a tiny 16x16 fit took 9.5 s instead
-    # of 0.08 s. Many small models side by side, or a shared machine: use 1.
+    # torch.set_num_threads during fit (restored after); None leaves the process setting alone. On a quiet
+    # machine 2 threads are the fastest single training; when another core is busy, OpenMP threads wait on each
+    # other and a training slows down several-fold (a tiny fit, a hundredfold). Many small models side by side,
+    # or a shared machine: use 1.
     threads: Count | None = None
     eval_batch_size: Count = DEFAULT_EVAL_BATCH  # for callers' predict(..., batch_size=cfg.eval_batch_size)
 
@@ -218,10 +203,9 @@ def tune_allocator() -> bool:
 
     A small-CNN step allocates and frees activation buffers of 33.5 MB (batch 256: 256x32x32x32 fp32), just
     above the 32 MiB ceiling of glibc's dynamic mmap threshold: each one is a fresh mmap whose every page is
-    faulted in again on first touch. On a 2-core AVX2 machine (no native bf16) half of the training CPU time
-    was kernel time: ~0.9 million minor page faults for a 6,000-image epoch (0.16 million tuned). Raising the
-    mmap and trim thresholds keeps those buffers in the heap: 890-1,275 -> 1,248-1,880 img/s on that machine
-    (fp32; also bench/bench_trainer.py --allocator).
+    faulted in again on first touch. On a CPU without native bf16 (fp32 activations) that made half of the
+    training CPU time kernel time. Raising the mmap and trim thresholds keeps those buffers in the heap (the
+    gain, measured with bench/bench_trainer.py --allocator: docs/results.md).
     Linux/glibc only; elsewhere (or when the libc has no mallopt, or INCOMPAT_TUNE_MALLOC=0) it does nothing.
     Returns True when applied. Cached: fit() calls it every time, the work happens once per process."""
     if not sys.platform.startswith("linux") or os.environ.get("INCOMPAT_TUNE_MALLOC", "1") == "0":
@@ -402,8 +386,8 @@ class TensorData:
 
     @staticmethod
     def _compute_stats(nhwc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Exact per-channel mean/std from a 256-bin histogram per channel (0.2 s for CIFAR-10's 50k images,
-        2x faster than float32 sums and free of rounding)."""
+        """Exact per-channel mean/std from a 256-bin histogram per channel (faster than float32 sums and free
+        of rounding)."""
         c = nhwc.shape[-1]
         if len(nhwc) == 0:
             return np.zeros(c), np.ones(c)
