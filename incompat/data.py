@@ -296,6 +296,55 @@ _BATCH_ROWS = 2048
 _BATCH_BYTES = 256 * 2**20  # at most this much of a dictionary-encoded column materialised at once
 
 
+def _refuse_chunk_metadata_that_aborts(pf, path: Path | str, timeout: float = 60.0) -> None:
+    """Touch every column chunk's metadata in a forked child before the caller does.
+
+    pyarrow validates a column chunk's size statistics (level histograms) in a C++ constructor whose exception its
+    Python binding does not translate, so a forged histogram ends the whole process with SIGABRT (std::terminate)
+    instead of raising (apache/arrow GH-45283 is the same check). Reading pages goes through a path that does
+    translate it, but the zip-bomb checks must read the chunk metadata before any page. A child that dies means
+    damaged metadata, never a dead parent; the same calls then succeed in the parent, as they are deterministic."""
+    if not hasattr(os, "fork"):
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no Python cleanup, no atexit handlers of the parent's, just the answer
+        code = 1
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # std::terminate's message is not for the user
+            meta = pf.metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                for i in range(group.num_columns):
+                    chunk = group.column(i)
+                    chunk.total_uncompressed_size, chunk.has_dictionary_page  # noqa: B018 (the access is the test)
+            os.write(write_end, b"ok")
+            code = 0
+        except BaseException:  # a translated error: the parent's own read reports it with its message
+            os.write(write_end, b"ok")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    answer = b""
+    try:
+        import select
+
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        answer = os.read(read_end, 2) if ready else b""
+    finally:
+        os.close(read_end)
+        if not answer:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(pid, 0)
+    if answer != b"ok":
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "no answer"
+        raise DataError(f"{path}: damaged Parquet metadata (pyarrow cannot read its column chunk metadata: {how})")
+
+
 def column_batch_rows(pf, column: str, path: Path | str, max_rows: int = _BATCH_ROWS) -> int:
     """Rows of `column` to read at a time from ParquetFile `pf`, after refusing a Parquet zip bomb.
 
@@ -304,6 +353,7 @@ def column_batch_rows(pf, column: str, path: Path | str, max_rows: int = _BATCH_
     repeated by 1-byte indices) and pyarrow materialises every repetition; no value is larger than its column
     chunk, so reading `allowance // chunk size` rows at a time bounds a batch to the allowance (256 MiB, or a
     quarter of the budget when that is less), whatever the file says."""
+    _refuse_chunk_metadata_that_aborts(pf, path)
     try:
         meta = pf.metadata
         leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == column]
@@ -378,6 +428,7 @@ def _read_dataset(path: Path, verify: bool) -> ImageSet:
         raise DataError(f"{path} row 0: image shape {shape} (height, width, channels) is not a valid image shape")
     size = shape[0] * shape[1] * shape[2]
     check_memory_budget(n * size, str(path), f"{n:,} images of {shape[0]}x{shape[1]}x{shape[2]}")
+    batch_rows = column_batch_rows(pf, "image", path)  # first: it makes sure reading chunk metadata is safe
     image_index = schema.get_field_index("image")
     for g in range(n_groups):
         declared = pf.metadata.row_group(g).column(image_index).total_uncompressed_size
@@ -385,7 +436,6 @@ def _read_dataset(path: Path, verify: bool) -> ImageSet:
             raise DataError(f"{path} row group {g}: the image column declares {declared:,} bytes uncompressed, "
                             f"far more than {pf.metadata.row_group(g).num_rows} images of {size} bytes; "
                             "refusing to decompress it")
-    batch_rows = column_batch_rows(pf, "image", path)
     images = np.empty((n, *shape), dtype=np.uint8)
     flat = images.reshape(n, size) if n else images
     row = 0

@@ -891,3 +891,21 @@ def test_the_unsafe_load_scanner_finds_what_it_looks_for(tmp_path):
                       "class U(pickle.Unpickler):\n    pass\n")
     hits = _unsafe_loads(sample)
     assert sorted(int(hit.split(":")[1].split()[0]) for hit in hits) == [2, 3, 5, 7, 9]
+
+
+def test_parquet_whose_chunk_metadata_aborts_pyarrow_is_a_data_error_not_a_dead_process(tmp_path):
+    """A fuzzed Hugging Face parquet (tests/fixtures, found by test_fuzz) whose size-statistics histogram makes
+    pyarrow's column-chunk metadata constructor call std::terminate: the reader must refuse it with DataError.
+    Run in a child process, so that a regression fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    fixture = Path(__file__).parent / "fixtures" / "aborting_chunk_metadata.parquet"
+    code = ("import sys\nfrom incompat.data import DataError\nfrom incompat.readers import read_source\n"
+            "try:\n    read_source(sys.argv[1], on_bad_sample='skip')\n"
+            "except DataError as exc:\n    print(exc)\n    sys.exit(7)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(fixture)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 7, (done.returncode, done.stderr[-500:])
+    assert "damaged Parquet metadata" in done.stdout and str(fixture) in done.stdout
+    assert "terminate called" not in done.stderr  # the child's abort message is not shown to the user
