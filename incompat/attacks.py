@@ -429,13 +429,13 @@ def parse_scenario_spec(spec: str) -> Scenario:
 
 
 def load_scenario_yaml(path: str | Path) -> Scenario:
-    import yaml
+    from incompat.safe_yaml import YamlInputError, load_yaml
 
     path = Path(path)
     if not path.is_file():
         raise AttackError(f"{path}: no such scenario file (a scenario spec is paper:<seed>:<id> or a YAML path)")
     try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AttackError(f"{path}: not valid YAML ({exc})") from None
+        d = load_yaml(path.read_text(), str(path))
+    except YamlInputError as exc:
+        raise AttackError(str(exc)) from None
     return Scenario.from_dict(d, origin=str(path))

@@ -176,13 +176,13 @@ def _recorded(metrics: dict, record: Any) -> dict:
 def _load_params(path: Path) -> Any:
     if path.suffix.lower() == ".json":
         return _load_json(path)
-    import yaml
+    from incompat.safe_yaml import YamlInputError, load_yaml
 
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise ReportError(f"{path}: no such file") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, YamlInputError) as exc:
         raise ReportError(f"{path}: not readable YAML ({exc})") from None
 
 

@@ -193,9 +193,8 @@ def run_ingest(layout: Layout, params: IngestParams, sources: list[str] | None =
 # --- poison -------------------------------------------------------------------------------------------------
 
 def run_poison(layout: Layout, scenario: str) -> dict:
-    import yaml
-
     from incompat.poisoning import write_poisoned
+    from incompat.safe_yaml import load_yaml
 
     test = layout.raw_test if layout.raw_test.exists() else None
     summary = write_poisoned(layout.raw_train, scenario, layout.poisoned, test_path=test)
@@ -203,7 +202,7 @@ def run_poison(layout: Layout, scenario: str) -> dict:
     if test is not None:
         inputs.append(lineage.reference("clean_test", test, layout.poisoned))
     outputs = [lineage.reference(Path(f).stem, f, layout.poisoned) for f in summary["files"]]
-    resolved = yaml.safe_load(layout.scenario.read_text())
+    resolved = load_yaml(layout.scenario.read_text(), str(layout.scenario))
     lineage.write_manifest(layout.poison_manifest, "poison", inputs=inputs, outputs=outputs,
                            params={"scenario": scenario, "resolved": resolved}, summary={
                                k: summary[k] for k in ("scenario", "n_samples", "n_poison", "source", "target")})
@@ -398,16 +397,15 @@ def run_retrain(layout: Layout, params: Params, progress: bool = False, before: 
 
 def run_evaluate(layout: Layout, params: Params) -> dict:
     """Clean accuracy on the test set; attack success and targeted misclassification on its triggered copy."""
-    import yaml
-
     from incompat.evaluation import evaluate
+    from incompat.safe_yaml import load_yaml
     from incompat.training import TensorData
 
     test = read_dataset(layout.raw_test)
     triggered = read_dataset(layout.test_triggered) if layout.test_triggered.exists() else None
     target, report = None, {}
     if layout.scenario.exists():
-        scenario = yaml.safe_load(layout.scenario.read_text())
+        scenario = load_yaml(layout.scenario.read_text(), str(layout.scenario))
         target, report["scenario"] = scenario["attack"]["target"], scenario["name"]
     retrain = lineage.read_json(layout.retrain_manifest).get("summary", {}) if layout.retrain_manifest.exists() \
         else {}
