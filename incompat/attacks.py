@@ -437,5 +437,5 @@ def load_scenario_yaml(path: str | Path) -> Scenario:
     try:
         d = load_yaml(path.read_text(), str(path))
     except YamlInputError as exc:
-        raise AttackError(str(exc)) from None
+        raise AttackError(f"{exc} (not valid YAML for a scenario)") from None
     return Scenario.from_dict(d, origin=str(path))
