@@ -376,6 +376,25 @@ def column_batch_rows(pf, column: str, path: Path | str, max_rows: int = _BATCH_
     return int(max(1, min(max_rows, allowance // max(sizes[g], 1))))
 
 
+def _string_column(table, name: str, path: Path) -> np.ndarray:
+    """A string column as an object array; pyarrow hands a forged column's bytes to Python unchecked, so invalid
+    UTF-8 surfaces here as UnicodeDecodeError: a DataError naming the first bad row instead."""
+    try:
+        return np.asarray(table.column(name).to_pylist(), dtype=object)
+    except UnicodeDecodeError as exc:
+        raw = table.column(name).cast("binary").to_pylist()
+        bad = next((i for i, v in enumerate(raw) if v is not None and not _is_utf8(v)), "?")
+        raise DataError(f"{path} row {bad}: {name} is not valid UTF-8 ({exc.reason})") from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_dataset(path: str | os.PathLike, verify: bool = False) -> ImageSet:
     """Read a canonical dataset. With verify=True every sample digest is recomputed and compared.
 
@@ -468,7 +487,7 @@ def _read_dataset(path: Path, verify: bool) -> ImageSet:
     class_names = meta["class_names"]
     extra = {k: v for k, v in meta.items() if k not in ("format_version", "class_names", "dataset_digest",
                                                           "n_samples")}
-    sample_ids = np.asarray(table.column("sample_id").to_pylist(), dtype=object)
+    sample_ids = _string_column(table, "sample_id", path)
     labels = table.column("label").to_numpy()
     try:
         dataset = ImageSet(images, labels, sample_ids, class_names, extra)
@@ -476,7 +495,7 @@ def _read_dataset(path: Path, verify: bool) -> ImageSet:
         raise DataError(f"{path}: {exc}") from None
     check_unique_ids(sample_ids, str(path))
     if verify:
-        stored = np.asarray(table.column("digest").to_pylist(), dtype=object)
+        stored = _string_column(table, "digest", path)
         actual = dataset.sample_digests()
         bad = np.flatnonzero(stored != actual)
         if len(bad):

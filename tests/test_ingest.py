@@ -909,3 +909,12 @@ def test_parquet_whose_chunk_metadata_aborts_pyarrow_is_a_data_error_not_a_dead_
     assert done.returncode == 7, (done.returncode, done.stderr[-500:])
     assert "damaged Parquet metadata" in done.stdout and str(fixture) in done.stdout
     assert "terminate called" not in done.stderr  # the child's abort message is not shown to the user
+
+
+def test_canonical_parquet_with_invalid_utf8_in_a_string_column_names_the_row():
+    """A fuzzed canonical file (tests/fixtures, found by fuzzing the canonical seed) whose sample_id bytes are not
+    UTF-8: pyarrow raised UnicodeDecodeError out of the reader; it must be a DataError naming file and row."""
+    fixture = Path(__file__).parent / "fixtures" / "invalid_utf8_sample_id.parquet"
+    for read in (lambda: read_source(fixture), lambda: read_dataset(fixture, verify=True)):
+        with pytest.raises(DataError, match=r"row 0: sample_id is not valid UTF-8"):
+            read()
