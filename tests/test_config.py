@@ -9,12 +9,14 @@ def write(tmp_path, text):
     return p
 
 
-def test_repo_params_load_with_the_cpu_profile():
+def test_repo_params_load_with_the_default_and_every_profile():
     params = load_params("params.yaml")
-    assert params.profile == "cpu"
-    assert params.defense.bags == 1
-    assert params.defense.learner_train.model == "small_cnn"
-    assert params.defense.refinement_judge == "outside"
+    assert params.profile == "cpu_crossfit"  # the default: the cpu profile's default run removes whole classes
+    assert params.defense.vote_rule == "held_out" and params.defense.learner_train.model == "small_cnn"
+    cpu = load_params("params.yaml", profile="cpu")
+    assert cpu.defense.bags == 1
+    assert cpu.defense.learner_train.model == "small_cnn"
+    assert cpu.defense.refinement_judge == "outside"
     paper = load_params("params.yaml", profile="paper")
     assert (paper.defense.bags, paper.defense.boost, paper.defense.beta) == (3, 8, 4.0)
     assert paper.defense.refinement_rounds == 20 and paper.defense.learner_train.model == "resnet32"
