@@ -206,7 +206,8 @@ def cmd_evaluate(args) -> int:
     if ev:
         lines.append(f"clean accuracy {ev['clean_accuracy_before']:.4f} -> {ev['clean_accuracy_after']:.4f}; "
                      f"attack success {ev['attack_success_rate_before']:.4f} -> "
-                     f"{ev['attack_success_rate_after']:.4f}")
+                     f"{ev['attack_success_rate_after']:.4f}; targeted misclassification "
+                     f"{ev['targeted_misclassification_before']:.4f} -> {ev['targeted_misclassification_after']:.4f}")
     summary = {"sanitize": {k: v for k, v in result["filter"].items() if k != "outputs"},
                "evaluation": {k: v for k, v in (ev or {}).items() if k != "outputs"},
                "paths": result["paths"], "mlflow_run_id": result["mlflow_run_id"],

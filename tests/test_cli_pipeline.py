@@ -1,6 +1,7 @@
 """`incompat ingest`, `sanitize` and `pipeline` end to end on tiny synthetic data with a tiny profile."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -96,6 +97,8 @@ def test_pipeline_runs_end_to_end(project, capsys, monkeypatch, mlflow_store):
     # the end of a run says where everything is
     for what in ("cleaned dataset: data/clean/clean.parquet", "report:", "MLflow run:", "Prefect run:"):
         assert what in out
+    # attack success and the paper's targeted misclassification, before and after, side by side
+    assert re.search(r"attack success [0-9.]+ -> [0-9.]+; targeted misclassification [0-9.]+ -> [0-9.]+", out)
     evaluation = json.loads((project / "data" / "reports" / "evaluation.json").read_text())
     assert 0 <= evaluation["attack_success_rate_after"] <= 1
     assert evaluation["train_size_before"] == 200
