@@ -342,13 +342,15 @@ class Checkpoint:
 
     def save_refinement(self, round_index: int, models: list[torch.nn.Module], correct: np.ndarray,
                         keep: np.ndarray, history: list[dict], meter: ComputeMeter,
-                        probs: np.ndarray | None = None) -> None:
+                        probs: np.ndarray | None = None, kept_rounds: np.ndarray | None = None) -> None:
         if not self.directory:
             return
         state = {"round": round_index, "fingerprint": self.refinement_fingerprint,
                  "state_dicts": [m.state_dict() for m in models],
                  "correct": torch.from_numpy(correct), "keep": torch.from_numpy(keep),
                  "history": json.dumps(history), "meter": json.dumps(dataclasses.asdict(meter))}
+        if kept_rounds is not None:  # every finished round's keep-mask, bit-packed: a resumed run replays them
+            state["kept_rounds"] = torch.from_numpy(kept_rounds)
         if probs is not None:
             state["probs"] = torch.from_numpy(probs)
         with atomic_output(self._path("refinement", "pt")) as tmp:
@@ -504,6 +506,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     folds = cfg.refinement_folds
     models: list = [None] * folds
     correct, probs, history, first_round = None, None, [], 0
+    kept_rounds: list[np.ndarray] = []
     trusted = keep
     state = ckpt.load_refinement()
     if state is not None:
@@ -514,6 +517,14 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         probs = state["probs"].numpy() if "probs" in state else None
         history, first_round = json.loads(state["history"]), int(state["round"]) + 1
         meter = ComputeMeter(**json.loads(state["meter"]))
+        if "kept_rounds" in state:
+            kept_rounds = list(state["kept_rounds"].numpy())
+        if observe:  # the trajectory of the checkpointed rounds, so a resumed run's curves are whole
+            for info, packed in zip(history, kept_rounds or [None] * len(history)):
+                replay = {**info, "replayed": True}
+                if packed is not None:
+                    replay["kept_indices"] = np.flatnonzero(np.unpackbits(packed, count=n).astype(bool))
+                observe("refinement", replay)
         spent_before, start = meter.seconds, time.monotonic()  # its time covers all work up to that round
         trusted = _trusted(cfg, keep, correct)
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
@@ -569,7 +580,8 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         history.append(info)
         if observe:
             observe("refinement", {**info, "kept_indices": np.flatnonzero(keep)})
-        ckpt.save_refinement(it, models, correct, keep, history, stamp(), probs)
+        kept_rounds.append(np.packbits(keep))
+        ckpt.save_refinement(it, models, correct, keep, history, stamp(), probs, np.stack(kept_rounds))
         bar.update(1)
     bar.close()
     model = models[0]

@@ -457,7 +457,9 @@ def test_cross_fitted_defense_finds_the_trigger(planted):
 def test_refinement_options_resume_to_the_identical_mask(planted, tmp_path, refinement):
     _, poisoned, _ = planted
     cfg = crossfit_config(boost=2) if refinement == "cross_fitted" else outside_config()
-    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a")
+    full_events = []
+    full = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "a",
+                       observe=lambda kind, info: full_events.append(info) if kind == "refinement" else None)
 
     class Interrupt(Exception):
         pass
@@ -469,11 +471,15 @@ def test_refinement_options_resume_to_the_identical_mask(planted, tmp_path, refi
     with pytest.raises(Interrupt):
         run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
                     observe=stop_after_first_round)
-    rounds = []
+    rounds, replayed = [], []
     resumed = run_defense(poisoned.images, poisoned.labels, 4, cfg, checkpoint_dir=tmp_path / "b",
-                          observe=lambda kind, info: rounds.append(info.get("round")) if kind == "refinement"
-                          else None)
-    assert rounds == [1]  # round 0's judges and scores came from the checkpoint
+                          observe=lambda kind, info: (replayed if info.get("replayed") else rounds).append(info)
+                          if kind == "refinement" else None)
+    assert [r["round"] for r in rounds] == [1]  # round 0's judges and scores came from the checkpoint
+    # ... and its trajectory is replayed from there, keep-mask included, so a resumed run's curves are whole
+    assert [r["round"] for r in replayed] == [0]
+    assert replayed[0]["kept"] == full_events[0]["kept"]
+    assert np.array_equal(replayed[0]["kept_indices"], full_events[0]["kept_indices"])
     assert np.array_equal(resumed.keep_mask, full.keep_mask)
     assert np.allclose(resumed.refinement_correct, full.refinement_correct)
     assert resumed.meter.train_samples == full.meter.train_samples
