@@ -84,18 +84,23 @@ def check_regular(path: str | os.PathLike, allow_dir: bool = False) -> os.stat_r
     raise DataError(f"{path}: {_file_type(st.st_mode)}, not a regular file; refusing to read it")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    # O_NONBLOCK: a FIFO swapped in after any earlier check opens at once instead of waiting for a writer, and
-    # fstat on the open descriptor then refuses it; on a regular file the flag changes nothing.
+def open_regular(path: str | os.PathLike):
+    """(binary file object, its fstat) of a regular file, opened without ever blocking. O_NONBLOCK: a FIFO swapped
+    in after any earlier check opens at once instead of waiting for a writer, and fstat on the open descriptor then
+    refuses it (DataError); on a regular file the flag changes nothing. os.open's own errors propagate."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise DataError(f"{path}: {_file_type(mode)}, not a regular file; refusing to read it")
-        fh = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: {_file_type(st.st_mode)}, not a regular file; refusing to read it")
+        return os.fdopen(fd, "rb"), st
     except BaseException:
         os.close(fd)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    fh, _ = open_regular(path)
     h = hashlib.sha256()
     with fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -219,13 +224,10 @@ def read_record(path: str | os.PathLike) -> dict:
     """A lineage record as JSON, opened like file_sha256 opens a file: a FIFO or device put in its place between
     find_record's check and this read is refused, not waited on or read forever."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fh, st = open_regular(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{path}: {_file_type(st.st_mode)}, not a regular file; refusing to read it")
+    with fh:
         if st.st_size > MAX_RECORD_BYTES:
             raise DataError(f"{path}: {st.st_size} bytes, too large for a lineage record")
         raw = fh.read(MAX_RECORD_BYTES + 1)
