@@ -9,11 +9,19 @@ written.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import fcntl
 import hashlib
+import json
+import logging
 import os
-import socket
 import secrets
+import shlex
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -164,8 +172,6 @@ class OutputLocked(OutputError):
 
 def _holder(lock_path: Path) -> str:
     """Who holds the lock, as its holder wrote it; a holder that has just taken it gets a moment to write it."""
-    import json
-    import time
 
     for _ in range(20):
         try:
@@ -189,11 +195,6 @@ def hold_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """An exclusive lock on `folder` for one run, held until the block ends (the kernel drops it when the process
     dies, so a killed run never leaves the folder locked). Non-blocking: a second run raises OutputLocked at once,
     naming the holder (pid, host, start time, command), which the holder writes into the lock file."""
-    import datetime
-    import fcntl
-    import json
-    import shlex
-    import sys
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -227,8 +228,6 @@ _OPEN_UNITS: list[frozenset[Path]] = []
 def _restore(backup: Path, root: Path) -> None:
     """Put back what a unit's backup holds: every covered file as it was when the unit began, and (when the unit
     began over earlier outputs) no covered file that did not exist then."""
-    import json
-    import shutil
 
     manifest = backup / "unit.json"
     if manifest.exists():
@@ -248,8 +247,6 @@ def _restore(backup: Path, root: Path) -> None:
 
 
 def _keep_copy(path: Path, saved: Path) -> None:
-    import shutil
-
     saved.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(path, saved)  # no data copied: the writers replace files (new inodes), they never write in place
@@ -269,8 +266,6 @@ def replace_together(root: str | os.PathLike, paths: list[Path], name: str) -> I
     How: hard links to the existing files are kept in `root/.incompat-previous-<name>/` while the block runs (the
     writers replace files, so the links keep the old content) and dropped at the end. A run killed inside the block
     leaves that folder behind; the next unit over the same files puts the old set back before it begins."""
-    import json
-    import shutil
 
     root = Path(root)
     resolved = frozenset(Path(p).resolve() for p in paths)
@@ -284,8 +279,6 @@ def replace_together(root: str | os.PathLike, paths: list[Path], name: str) -> I
                 if backup.name.endswith(".partial"):
                     shutil.rmtree(backup, ignore_errors=True)  # killed before the unit began: nothing was written
                 else:
-                    import logging
-
                     logging.getLogger(__name__).warning("%s: a run stopped part-way; putting back the files it "
                                                         "replaced (%s)", leftover, backup.name)
                     _restore(backup, leftover)
