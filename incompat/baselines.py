@@ -125,13 +125,14 @@ def _trimmed_estimate(x: np.ndarray, keep: float, rounds: int = 20) -> tuple[np.
 
 
 def spectre(features: np.ndarray, labels: np.ndarray, n_classes: int, epsilon: float = 0.1,
-            removal_factor: float = 1.5, dims: int = 32, alpha: float = 4.0, seed: int = 0) -> DetectorResult:
+            removal_factor: float = 1.5, dims: int = 32, alpha: float = 4.0, seed: int = 0,
+            rows_per_dim: int = 4) -> DetectorResult:
     features = np.asarray(features, dtype=np.float64)
     remove = np.zeros(len(labels), dtype=bool)
     scores = np.zeros(len(labels))
     for c in range(n_classes):
         rows = np.flatnonzero(labels == c)
-        k = min(dims, features.shape[1], len(rows) // 4)
+        k = min(dims, features.shape[1], len(rows) // rows_per_dim)
         if k < 1:
             continue
         centred = features[rows] - features[rows].mean(axis=0)

@@ -65,6 +65,7 @@ from incompat.bounds import (Count, Finite, Fraction, FractionBelowOne, NonNegat
 from incompat.files import atomic_output, write_text_atomic
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
                                predict, predict_logits)
+from incompat.trigger import TriggerStage, run_trigger_stage
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,20 @@ class DefenseConfig:
     anomaly_ratio: NonNegativeFloat = 0.0  # 0: off; else the (label, predicted) cell test described above
     anomaly_threshold: Fraction = 0.5
     anomaly_z: NonNegativeFloat = 5.0
+    # The trigger-aware stage (incompat.trigger; 0 epochs: off, the paper's behaviour). Its model trains this long
+    # on everything; a class's suspect group is the top group of a two-group split of its SPECTRE scores holding
+    # trigger_min_size to trigger_max_share of the class, when the groups' separation (Ashman's D) is at least
+    # trigger_separation. Suspects never train a judge; one is removed when its judged p(label) is below
+    # trigger_threshold.
+    trigger_epochs: NonNegativeInt = 0
+    trigger_max_share: PositiveFraction = 0.25
+    trigger_separation: NonNegativeFloat = 5.0
+    trigger_min_size: Count = 5
+    trigger_threshold: Fraction = 0.5
+    # With the trigger stage: classes whose flipped images its model (trained without flips) mostly takes for each
+    # other are added to learner_train.flip_pairs (share of each class's flipped images >= mirror_share).
+    detect_mirrors: bool = False
+    mirror_share: PositiveFraction = 0.5
     max_retries: NonNegativeInt = 2  # a diverged training is retried with lr / 10, at most this often
     seed: Seed = 0
     # The filter step's guard, not the clustering's: a keep-mask that removes a whole class, or more than this share
@@ -172,6 +187,11 @@ class DefenseConfig:
                     0 < self.refinement_threshold <= self.refinement_train_threshold <= 1):
                 raise ValueError("defense.refinement_judge 'outside' needs 0 < refinement_threshold <= "
                                  "refinement_train_threshold <= 1 (a sample trained on must also be kept)")
+        if self.trigger_epochs > 0 and self.refinement_rounds == 0:
+            raise ValueError("defense.trigger_epochs: the trigger stage's suspects are judged by the refinement; "
+                             "it needs refinement_rounds >= 1")
+        if self.detect_mirrors and self.trigger_epochs == 0:
+            raise ValueError("defense.detect_mirrors uses the trigger stage's model: set trigger_epochs >= 1")
         if self.refinement_class_floor > 0 and self.refinement_folds < 2:
             raise ValueError("defense.refinement_class_floor applies to the cross-fitted refinement only "
                              "(refinement_folds >= 2)")
@@ -207,6 +227,7 @@ class DefenseResult:
     meter: ComputeMeter
     wall_seconds: float  # including the time of the work reused from checkpoints of an interrupted run
     model: torch.nn.Module | None = None
+    trigger: TriggerStage | None = None  # the trigger-aware stage's suspects, scores, groups and mirror pairs
 
     @property
     def n_removed(self) -> int:
@@ -266,7 +287,12 @@ def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int,
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
                   "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "refinement_class_floor",
-                  "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss")
+                  "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss",
+                  "trigger_threshold")
+
+# Defense keys added after checkpoints existed, with the default that behaves as before them.
+LATER_KEYS = {"trigger_epochs": 0, "trigger_max_share": 0.25, "trigger_separation": 5.0, "trigger_min_size": 5,
+              "detect_mirrors": False, "mirror_share": 0.5}
 
 
 # learner_train keys added after checkpoints existed, with the default that behaves as before them.
@@ -274,7 +300,8 @@ LATER_TRAIN_KEYS = {"loss_trim": 0.0, "flip": True, "flip_pairs": ()}
 
 
 def learner_fingerprint(cfg: DefenseConfig, data_digest: str) -> str:
-    values = {k: v for k, v in cfg.to_dict().items() if k not in AFTER_LEARNERS}
+    values = {k: v for k, v in cfg.to_dict().items()
+              if k not in AFTER_LEARNERS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     for key, default in LATER_TRAIN_KEYS.items():
         if values["learner_train"].get(key) == default:
             # Left out at its default so that learners saved before the key existed are still reused.
@@ -365,6 +392,32 @@ class Checkpoint:
             log.warning("%s: damaged checkpoint (%s); refinement starts over", self._path("refinement", "pt"), exc)
             return None
         return state if state.get("fingerprint") == self.refinement_fingerprint else None
+
+    def save_trigger(self, stage: TriggerStage, meter: ComputeMeter) -> None:
+        if not self.directory:
+            return
+        with atomic_output(self._path("trigger", "json")) as tmp:
+            Path(tmp).write_text(json.dumps({"groups": stage.groups, "mirror_pairs": stage.mirror_pairs,
+                                             "meter": dataclasses.asdict(meter)}))
+        with atomic_output(self._path("trigger", "npz")) as tmp:  # last: its presence marks the stage done
+            with open(tmp, "wb") as fh:
+                np.savez(fh, suspects=stage.suspects, scores=stage.scores)
+
+    def load_trigger(self) -> tuple[TriggerStage, ComputeMeter] | None:
+        if not self.directory:
+            return None
+        npz, meta = self._path("trigger", "npz"), self._path("trigger", "json")
+        if not (npz.exists() and meta.exists()):
+            return None
+        try:
+            with np.load(npz, allow_pickle=False) as arrays:
+                info = json.loads(meta.read_text())
+                stage = TriggerStage(arrays["suspects"].astype(bool), arrays["scores"].astype(np.float64),
+                                     tuple(tuple(int(c) for c in p) for p in info["mirror_pairs"]), info["groups"])
+                return stage, ComputeMeter(**info["meter"])
+        except Exception as exc:
+            log.warning("%s: damaged checkpoint (%s); the trigger stage runs again", npz, exc)
+            return None
 
     def load_legacy_meter(self) -> ComputeMeter | None:
         """Checkpoints written before the meter moved into the learner files kept it in meter.json."""
@@ -458,6 +511,27 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         meter.seconds = spent_before + time.monotonic() - start
         return meter
 
+    stage = None
+    suspects = np.zeros(n, dtype=bool)
+    if cfg.trigger_epochs > 0:
+        loaded = ckpt.load_trigger()
+        if loaded is not None:
+            stage, meter = loaded
+            spent_before, start = meter.seconds, time.monotonic()
+        else:
+            stage = run_trigger_stage(data, images, labels, n_classes, cfg.learner_train, cfg.trigger_epochs,
+                                      cfg.trigger_max_share, cfg.trigger_separation, cfg.trigger_min_size,
+                                      cfg.detect_mirrors, cfg.mirror_share, meter, derive_seed(cfg.seed, 5))
+            ckpt.save_trigger(stage, dataclasses.replace(stamp()))
+        suspects = stage.suspects
+        if observe:
+            observe("trigger", {"suspects": int(suspects.sum()), "groups": stage.groups,
+                                "mirror_pairs": [list(p) for p in stage.mirror_pairs],
+                                "suspect_indices": np.flatnonzero(suspects)})
+        extra = [p for p in stage.mirror_pairs if p not in cfg.learner_train.flip_pairs]
+        if extra:
+            cfg = dataclasses.replace(cfg, learner_train=dataclasses.replace(
+                cfg.learner_train, flip_pairs=tuple(cfg.learner_train.flip_pairs) + tuple(extra)))
     learners: list[LearnerRecord] = []
     per_learner = cfg.data_fraction / cfg.boost
     bar = _progress(progress, total=cfg.bags * cfg.boost, desc="weak learners")
@@ -527,6 +601,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 observe("refinement", replay)
         spent_before, start = meter.seconds, time.monotonic()  # its time covers all work up to that round
         trusted = _trusted(cfg, keep, correct)
+    trusted = trusted & ~suspects
     # Cross-fitting: a fixed, seeded fold per sample; fold model f never trains on fold f and alone judges it.
     fold_of = np.random.default_rng(derive_seed(cfg.seed, 4)).integers(0, folds, n) if folds > 1 else None
     bar = _progress(progress, total=cfg.refinement_rounds, desc="refinement", initial=first_round)
@@ -537,7 +612,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                 probs = np.eye(n_classes, dtype=np.float32)[labels]
                 correct = trusted.astype(np.float64)
             models[0], _ = _fit_with_retries(data, _refinement_train(cfg, it),
-                                             np.flatnonzero(trusted if outside else keep), cfg, meter,
+                                             np.flatnonzero((trusted if outside else keep) & ~suspects), cfg, meter,
                                              f"refinement round {it}", model=models[0])
             if outside:
                 judged = np.flatnonzero(~trusted)
@@ -546,20 +621,20 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                     probs[judged] = torch.softmax(predict_logits(models[0], data, judged, meter=meter),
                                                   dim=1).numpy()
                     correct[judged] = probs[judged, labels[judged]]
-                keep = cross_fit_keep(probs, labels, n_classes, cfg)
-                trusted = _trusted(cfg, keep, correct)
+                keep = cross_fit_keep(probs, labels, n_classes, cfg, suspects)
+                trusted = _trusted(cfg, keep, correct) & ~suspects
             else:
                 preds = predict(models[0], data, meter=meter)
                 if correct is None:
                     correct = np.full(n, 0.5)
                 correct = (1 - cfg.refinement_decay) * (preds == labels) + cfg.refinement_decay * correct
-                keep = correct > cfg.refinement_threshold
+                keep = (correct > cfg.refinement_threshold) & ~(suspects & (correct < cfg.trigger_threshold))
         else:
             judged_probs = np.zeros((n, n_classes), dtype=np.float32)
             for f in range(folds):
                 outside = fold_of != f
                 train_idx = np.flatnonzero(_class_floor(cfg.refinement_class_floor, trusted & outside, correct,
-                                                        labels, outside))
+                                                        labels, outside & ~suspects))
                 if len(train_idx) == 0:
                     raise DefenseError(f"refinement round {it}: fold {f} has no trusted sample to train on")
                 models[f], _ = _fit_with_retries(data, _refinement_train(cfg, it, f), train_idx, cfg, meter,
@@ -571,8 +646,8 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             probs = judged_probs if probs is None else (
                 (1 - cfg.refinement_decay) * judged_probs + cfg.refinement_decay * probs)
             correct = probs[np.arange(n), labels].astype(np.float64)
-            keep = cross_fit_keep(probs, labels, n_classes, cfg)
-            trusted = _trusted(cfg, keep, correct)
+            keep = cross_fit_keep(probs, labels, n_classes, cfg, suspects)
+            trusted = _trusted(cfg, keep, correct) & ~suspects
         if not keep.any():
             raise DefenseError(f"refinement round {it} kept none of the {n} samples: the refinement model "
                                "predicts no label correctly; train it longer (refinement_epochs)")
@@ -591,7 +666,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
     suspicion = review_order(keep, labels, n_classes, mean_probs, vote_agreement, correct,
                              judged=cfg.refinement_judge == "outside" and probs is not None)
     return DefenseResult(keep, suspicion, vote_agreement, correct, learners, history, meter,
-                         stamp().seconds, model)
+                         stamp().seconds, model, stage)
 
 
 def review_order(keep: np.ndarray, labels: np.ndarray, n_classes: int, mean_probs: np.ndarray,
@@ -717,13 +792,17 @@ def _binomial_z(x: float, m: float, share: float) -> float:
     return float(np.copysign(np.sqrt(max(deviance, 0.0)), x - m * share))
 
 
-def cross_fit_keep(probs: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DefenseConfig) -> np.ndarray:
+def cross_fit_keep(probs: np.ndarray, labels: np.ndarray, n_classes: int, cfg: DefenseConfig,
+                   suspects: np.ndarray | None = None) -> np.ndarray:
     """Keep where the judged p(label) >= refinement_threshold, except samples of an anomalous cell scoring below
-    anomaly_threshold."""
+    anomaly_threshold and the trigger stage's suspects scoring below trigger_threshold."""
     score = probs[np.arange(len(labels)), labels]
     keep = score >= cfg.refinement_threshold
     _, in_cell = flagged_cells(probs, labels, n_classes, cfg)
-    return keep & ~(in_cell & (score < cfg.anomaly_threshold))
+    keep &= ~(in_cell & (score < cfg.anomaly_threshold))
+    if suspects is not None:
+        keep &= ~(suspects & (score < cfg.trigger_threshold))
+    return keep
 
 
 def flagged_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int,
