@@ -38,6 +38,11 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         quasi-symmetric confusion model expects from its transposed cell, significantly
                         (likelihood-ratio z >= anomaly_z), is one group of samples that all look like another class: a
                         source->target poisoning. Its samples are removed up to p(label) < anomaly_threshold.
+  trigger stage         (trigger_epochs > 0; incompat.trigger) before the learners, a model trained on everything
+                        marks, per class, a group of samples that stands apart in its features (a trigger it
+                        learned); those suspects never train a refinement judge, and one is removed when its judged
+                        p(label) < trigger_threshold. With detect_mirrors, classes whose flipped images that model
+                        takes for each other become learner_train.flip_pairs.
   trimmed refinement    (refinement_loss_trim > 0) the refinement model leaves each batch's highest losses out of
                         its gradient, so the poisons among what it trains on are learned less. Off in every
                         profile: on full CIFAR-10 it helped on some scenarios and hurt on others (docs/results.md).
