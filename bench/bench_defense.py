@@ -13,6 +13,7 @@ long run that is stopped keeps what it measured.
   OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_defense.py --threads 1 ...   # on a shared machine
   .venv/bin/python bench/bench_defense.py ... --checkpoints bench/results/checkpoints   # resumable defense
   .venv/bin/python bench/bench_defense.py ... --methods none,ispl,spectral,ac --detect-only   # no retraining
+  .venv/bin/python bench/bench_defense.py ... --csv bench/results/mine.csv --resume   # go on after a stop
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def main() -> None:
                     help="measure what each defense removes, without retraining on its kept set (ASR and accuracy "
                          "after stay empty): about a third of the time per scenario, for detection over many "
                          "scenarios; the none model is still trained, for the baselines' features")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the scenarios whose every method already has a row in --csv (one CSV per profile "
+                         "and settings: the rows do not name them), so a benchmark longer than a session goes on")
     args = ap.parse_args()
     if args.detect_only and "oracle" in args.methods.split(","):
         ap.error("--detect-only has nothing to measure for the oracle (it removes exactly the poisons)")
@@ -133,11 +137,13 @@ def main() -> None:
     csv_path = Path(args.csv)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+    done: set[tuple[str, str, str]] = set()  # (n_train, scenario, method) rows the CSV already holds
     if not new_file:
-        with open(csv_path) as existing:
-            header = existing.readline().strip().split(",")
-        if header != FIELDS:
-            sys.exit(f"{csv_path} has other columns ({len(header)}); pass --csv NEW_FILE")
+        with open(csv_path, newline="") as existing:
+            reader = csv.DictReader(existing)
+            if reader.fieldnames != FIELDS:
+                sys.exit(f"{csv_path} has other columns ({len(reader.fieldnames or [])}); pass --csv NEW_FILE")
+            done = {(r["n_train"], r["scenario"], r["method"]) for r in reader if r["dataset"] == args.dataset}
     rows = []
     # Wall times differ 2-3x between the machine kinds this project has run on: say which one measured them.
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -154,6 +160,9 @@ def main() -> None:
             test_trig = triggered_test(test, scenario)
             base = {"dataset": args.dataset, "n_train": len(train), "scenario": scenario.name,
                     "poison_total": int(poison_mask.sum())}
+            if args.resume and all((str(len(train)), scenario.name, m) in done for m in methods):
+                print(f"# {scenario.name}: every method already in {csv_path}, skipped (--resume)", flush=True)
+                continue
             before = None
             oracle_tmr = None
 

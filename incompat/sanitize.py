@@ -80,6 +80,8 @@ class RoundRecorder:
         indices = info.get("kept_indices", info.get("core_indices"))
         if self.poison_mask is not None and indices is not None:
             record["poison_kept"] = int(self.poison_mask[indices].sum())
+        if self.poison_mask is not None and "suspect_indices" in info:  # the trigger stage's suspects
+            record["poison_suspected"] = int(self.poison_mask[info["suspect_indices"]].sum())
         self.events.append(record)
         if self.forward:
             self.forward(kind, record)

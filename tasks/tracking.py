@@ -232,7 +232,7 @@ class Tracker:
             if kind == "learner":
                 continue
             stage = {"round": "ispl"}.get(kind, kind)
-            for key in ("kept_fraction", "poison_kept", "mean_loss"):
+            for key in ("kept_fraction", "poison_kept", "mean_loss", "suspects", "poison_suspected"):
                 if key in event:
                     metrics.append(Metric(f"{stage}.{key}", float(event[key]), now, step))
             step += 1

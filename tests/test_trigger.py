@@ -124,3 +124,14 @@ def test_the_trigger_stage_resumes_from_its_checkpoint(learned, tmp_path, monkey
 def test_bad_trigger_options_are_refused(bad):
     with pytest.raises(ValueError):
         crossfit(**bad)
+
+
+def test_the_recorder_counts_the_poisons_among_the_suspects(learned):
+    from incompat.sanitize import RoundRecorder
+    _, poisoned, mask = learned
+    recorder = RoundRecorder(mask)
+    result = run_defense(poisoned.images, poisoned.labels, 4, crossfit(**WITH_TRIGGER), observe=recorder)
+    event = next(e for e in recorder.events if e["kind"] == "trigger")
+    assert event["suspects"] == int(result.trigger.suspects.sum())
+    assert event["poison_suspected"] == int(result.trigger.suspects[mask].sum())
+    assert "suspect_indices" not in event
