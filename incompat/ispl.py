@@ -43,9 +43,6 @@ Options for small models (all off by default, i.e. the paper's behaviour; the `c
                         learned); those suspects never train a refinement judge, and one is removed when its judged
                         p(label) < trigger_threshold. With detect_mirrors, classes whose flipped images that model
                         takes for each other become learner_train.flip_pairs.
-  trimmed refinement    (refinement_loss_trim > 0) the refinement model leaves each batch's highest losses out of
-                        its gradient, so the poisons among what it trains on are learned less. Off in every
-                        profile: on full CIFAR-10 it helped on some scenarios and hurt on others (docs/results.md).
 
 Ground truth is never an input here. Every random draw comes from a seed derived from (seed, bag, learner,
 round), so a run resumed from a checkpoint draws exactly what an uninterrupted one would.
@@ -125,9 +122,6 @@ class DefenseConfig:
     refinement_class_floor: Fraction = 0.0
     # all (paper: the kept samples too) | outside (only samples not trained on)
     refinement_judge: RefinementJudge = "all"
-    # The refinement model's TrainConfig.loss_trim (the paper: 0): poisons the vote let through stay among each
-    # batch's highest losses, so the judge learns less of their labels and still calls the other poisons wrong.
-    refinement_loss_trim: FractionBelowOne = 0.0
     anomaly_ratio: NonNegativeFloat = 0.0  # 0: off; else the (label, predicted) cell test described above
     anomaly_threshold: Fraction = 0.5
     anomaly_z: NonNegativeFloat = 5.0
@@ -291,7 +285,7 @@ def vote_keep(learners: list[LearnerRecord], labels: np.ndarray, n_classes: int,
 # Parameters that only act after the weak learners: changing them reuses the learners' checkpoints.
 AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "refinement_decay",
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
-                  "refinement_train_threshold", "refinement_judge", "refinement_loss_trim", "refinement_class_floor",
+                  "refinement_train_threshold", "refinement_judge", "refinement_class_floor",
                   "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss",
                   "trigger_threshold")
 
@@ -823,8 +817,8 @@ def flagged_cells(probs: np.ndarray, labels: np.ndarray, n_classes: int,
 
 
 def _refinement_train(cfg: DefenseConfig, *round_and_fold: int) -> TrainConfig:
-    """The refinement model's training: the learners' recipe with the refinement's epochs and loss trim."""
-    return dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs, loss_trim=cfg.refinement_loss_trim,
+    """The refinement model's training: the learners' recipe with the refinement's epochs."""
+    return dataclasses.replace(cfg.learner_train, epochs=cfg.refinement_epochs,
                                seed=derive_seed(cfg.seed, 3, *round_and_fold))
 
 

@@ -285,7 +285,6 @@ def test_paper_defaults_leave_the_options_off():
                                  {"refinement_judge": "outside"},  # no threshold to join the trusted set
                                  {"refinement_judge": "outside", "refinement_train_threshold": 0.1,
                                   "refinement_threshold": 0.3},  # kept would not cover trained-on
-                                 {"refinement_loss_trim": 1.0}, {"refinement_loss_trim": -0.1},
                                  {"refinement_folds": 2, "refinement_class_floor": 1.5},
                                  {"refinement_folds": 2, "refinement_class_floor": -0.1},
                                  {"refinement_class_floor": 0.5}])  # the floor is for cross-fitted judges only
@@ -617,27 +616,6 @@ def test_outside_judged_defense_finds_the_trigger(planted):
     assert mask[top].mean() >= 0.8
 
 
-def test_the_trimmed_loss_reaches_the_refinement_only_and_reuses_the_learners(planted, tmp_path, monkeypatch):
-    _, poisoned, mask = planted
-    run_defense(poisoned.images, poisoned.labels, 4, outside_config(), checkpoint_dir=tmp_path)
-    trims = []
-    real_fit = ispl.fit
-
-    def recording_fit(data, cfg, indices=None, **kwargs):
-        trims.append(cfg.loss_trim)
-        return real_fit(data, cfg, indices=indices, **kwargs)
-
-    monkeypatch.setattr(ispl, "fit", recording_fit)
-    result = run_defense(poisoned.images, poisoned.labels, 4, outside_config(refinement_loss_trim=0.2),
-                         checkpoint_dir=tmp_path)
-    assert trims == [0.2, 0.2]  # the two refinement rounds; both learners came from the checkpoints
-    removed = ~result.keep_mask
-    assert removed[mask].mean() >= 0.9 and removed[~mask].mean() <= 0.05
-    trims.clear()
-    run_defense(poisoned.images, poisoned.labels, 4, outside_config(refinement_loss_trim=0.2))
-    assert trims[:-2] and set(trims[:-2]) == {0.0} and trims[-2:] == [0.2, 0.2]  # learners train untrimmed
-
-
 @pytest.mark.parametrize("key,other", [("loss_trim", 0.1), ("flip", False), ("flip_pairs", ((0, 1),))])
 def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerprint(key, other):
     # Saved fingerprints predate TrainConfig.loss_trim, .flip and .flip_pairs: at its default none may enter the
@@ -652,7 +630,7 @@ def test_learner_checkpoints_from_before_a_train_key_existed_keep_their_fingerpr
     changed = augmented()
     changed.learner_train = dataclasses.replace(changed.learner_train, **{key: other})
     assert ispl.learner_fingerprint(changed, "digest") != plain
-    assert ispl.learner_fingerprint(augmented(refinement_loss_trim=0.1), "digest") == plain
+    assert ispl.learner_fingerprint(augmented(refinement_threshold=0.1), "digest") == plain
     assert ispl.learner_fingerprint(augmented(refinement_folds=2, refinement_class_floor=0.5), "digest") == plain
 
 
