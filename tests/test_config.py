@@ -11,8 +11,11 @@ def write(tmp_path, text):
 
 def test_repo_params_load_with_the_default_and_every_profile():
     params = load_params("params.yaml")
-    assert params.profile == "cpu_crossfit"  # the default: the cpu profile's default run removes whole classes
+    # The default needs nothing written for the dataset: its trigger stage finds mirror-image classes itself.
+    assert params.profile == "cpu_trigger"
     assert params.defense.vote_rule == "held_out" and params.defense.learner_train.model == "small_cnn"
+    assert params.defense.trigger_epochs > 0 and params.defense.detect_mirrors
+    assert params.defense.learner_train.flip_pairs == ()
     cpu = load_params("params.yaml", profile="cpu")
     assert cpu.defense.bags == 1
     assert cpu.defense.learner_train.model == "small_cnn"

@@ -172,3 +172,32 @@ def test_the_readme_states_the_latest_measured_default_run():
     for column in ("accuracy", "asr"):
         assert latest[column] in text, f"README.md does not quote the default run's {column}: {latest[column]}"
     assert "[docs/results.md](docs/results.md)" in text
+
+
+def test_benchmark_tables_are_dated_and_kept_as_the_benchmark_wrote_them():
+    # Tables pivoted from bench/bench_defense.py output: the raw CSV is committed unchanged (its header is the
+    # benchmark's), and the section says when and how it was measured.
+    sys.path.insert(0, str(ROOT / "docs"))
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_defense
+    import make_results
+
+    sections = [s for s in make_results.SECTIONS if "bench" in s]
+    assert sections
+    for section in sections:
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", section["date"])
+        assert (ROOT / section["command"].split()[0]).is_file()
+        with open(RESULTS_DIR / "bench" / section["bench"], newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            assert reader.fieldnames == bench_defense.FIELDS
+            assert any(row["method"] == "ispl" for row in reader)
+
+
+def test_ispl_is_ahead_only_with_every_peers_recall_at_no_more_clean_removed():
+    sys.path.insert(0, str(ROOT / "docs"))
+    import make_results
+
+    ispl = {"recall_pct": "99.0", "clean_removed_pct": "2.0"}
+    assert make_results.ahead_of_peers(ispl, [{"recall_pct": "99.0", "clean_removed_pct": "2.0"}])
+    assert not make_results.ahead_of_peers(ispl, [{"recall_pct": "100.0", "clean_removed_pct": "15.0"}])
+    assert not make_results.ahead_of_peers(ispl, [{"recall_pct": "50.0", "clean_removed_pct": "1.0"}])
