@@ -297,12 +297,13 @@ def bench_table(section: dict) -> list[dict[str, str]]:
     for row in raw:
         by_scenario.setdefault(row["scenario"], {})[row["method"]] = row
     rows = []
+    role = section["role"]
     for scenario, methods in by_scenario.items():
         none = methods.get("none")
-        role = section["role"]
         row = {"scenario": scenario, "role": role if isinstance(role, str) else role[scenario],
                "poisons": methods[next(iter(methods))]["poison_total"],
-               "tmr_no_defense": f"{float(none['tmr_before']):.1f}%" if none else ""}
+               "tmr_no_defense": f"{float(none['tmr_before']):.1f}%" if none else "",
+               "learned": none["learned"] if none else ""}
         for method in ("ispl",) + PEERS:
             got = methods.get(method)
             row[method] = (
@@ -314,14 +315,15 @@ def bench_table(section: dict) -> list[dict[str, str]]:
 
 
 def bench_summary(rows: list[dict[str, str]]) -> str:
-    """Issue 23's figures over the table: learned attacks (no-defense TMR >= 10%) and ISPL+B against its peers."""
+    """Issue 23's figures over the table: learned attacks (the benchmark's `learned` column) and ISPL+B against its
+    peers."""
     def recall(row, method):
         return percent(row[method].split(" / ")[0])
 
     def clean(row, method):
         return percent(row[method].split(" / ")[1])
 
-    learned = [r for r in rows if (percent(r["tmr_no_defense"]) or 0) >= 10]
+    learned = [r for r in rows if r["learned"] == "1"]
     parts = []
     for name, group in (("learned attacks", learned), ("all scenarios", rows)):
         if not group:
@@ -339,20 +341,21 @@ def render() -> str:
     for section in SECTIONS:
         if "bench" in section:
             rows = bench_table(section)
-            out += [f"## {section['title']}", "", section["before"], "", *table(rows), "", bench_summary(rows), ""]
-            if section.get("after"):
-                out += [section["after"], ""]
-            out += [f"Table: `docs/results/bench/{section['bench']}` (as the benchmark wrote it). "
-                    + provenance(rows)[0]] + provenance(rows)[1:] + [""]
-            continue
-        rows = read_rows(section["csv"])
+            source = f"`docs/results/bench/{section['bench']}` (as the benchmark wrote it)"
+            shown = [{k: v for k, v in row.items() if k != "learned"} for row in rows]  # the TMR column says it
+        else:
+            rows = shown = read_rows(section["csv"])
+            source = f"`docs/results/{section['csv']}`"
         out += [f"## {section['title']}", "", section["before"], ""]
-        out += table(rows) + [""]
-        if section.get("medians"):
+        out += table(shown) + [""]
+        if "bench" in section:
+            out += [bench_summary(rows), ""]
+        elif section.get("medians"):
             out += [medians(rows, section["medians"]), ""]
         if section.get("after"):
             out += [section["after"], ""]
-        out += [f"Table: `docs/results/{section['csv']}`. " + provenance(rows)[0]] + provenance(rows)[1:] + [""]
+        where = provenance(rows)
+        out += [f"Table: {source}. " + where[0]] + where[1:] + [""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
