@@ -67,7 +67,7 @@ from incompat.bounds import (Count, Finite, Fraction, FractionBelowOne, NonNegat
 from incompat.files import atomic_output, write_text_atomic
 from incompat.training import (ComputeMeter, TensorData, TrainConfig, TrainingDiverged, fit, per_sample_loss,
                                predict, predict_logits)
-from incompat.trigger import TriggerStage, run_trigger_stage
+from incompat.trigger import TriggerStage, run_trigger_stage, split_suspects
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "r
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
                   "refinement_train_threshold", "refinement_judge", "refinement_class_floor",
                   "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss",
-                  "trigger_threshold")
+                  "trigger_threshold", "trigger_separation", "trigger_min_size")
 
 # Defense keys added after checkpoints existed, with the default that behaves as before them.
 LATER_KEYS = {"trigger_epochs": 0, "trigger_max_share": 0.25, "trigger_separation": 5.0, "trigger_min_size": 5,
@@ -517,6 +517,10 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         if loaded is not None:
             stage, meter = loaded
             spent_before, start = meter.seconds, time.monotonic()
+            # The split is drawn again from the saved scores: other split settings reuse the stage's model.
+            marked, groups = split_suspects(stage.scores, labels, n_classes, cfg.trigger_max_share,
+                                            cfg.trigger_separation, cfg.trigger_min_size)
+            stage = dataclasses.replace(stage, suspects=marked, groups=groups)
         else:
             stage = run_trigger_stage(data, images, labels, n_classes, cfg.learner_train, cfg.trigger_epochs,
                                       cfg.trigger_max_share, cfg.trigger_separation, cfg.trigger_min_size,

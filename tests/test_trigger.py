@@ -119,6 +119,19 @@ def test_the_trigger_stage_resumes_from_its_checkpoint(learned, tmp_path, monkey
     assert again.meter.epoch_equivalents(len(poisoned.labels)) == first.meter.epoch_equivalents(len(poisoned.labels))
 
 
+def test_other_split_settings_reuse_the_stage_and_draw_the_suspects_again(learned, tmp_path, monkeypatch):
+    _, poisoned, _ = learned
+    first = run_defense(poisoned.images, poisoned.labels, 4, crossfit(**WITH_TRIGGER), checkpoint_dir=tmp_path)
+    learner_files = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("learner-*.npz")}
+    monkeypatch.setattr(ispl, "run_trigger_stage", lambda *a, **k: pytest.fail("the stage's model trained again"))
+    looser = run_defense(poisoned.images, poisoned.labels, 4, crossfit(**{**WITH_TRIGGER, "trigger_separation": 0.0}),
+                         checkpoint_dir=tmp_path)
+    assert np.array_equal(looser.trigger.scores, first.trigger.scores)
+    assert looser.trigger.suspects.sum() > first.trigger.suspects.sum()
+    assert not (first.trigger.suspects & ~looser.trigger.suspects).any()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("learner-*.npz")} == learner_files
+
+
 @pytest.mark.parametrize("bad", [{"trigger_epochs": 2, "refinement_rounds": 0}, {"detect_mirrors": True},
                                  {"trigger_max_share": 0.0}, {"trigger_min_size": 0}])
 def test_bad_trigger_options_are_refused(bad):
