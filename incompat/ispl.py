@@ -128,11 +128,13 @@ class DefenseConfig:
     # The trigger-aware stage (incompat.trigger; 0 epochs: off, the paper's behaviour). Its model trains this long
     # on everything; a class's suspect group is the top group of a two-group split of its SPECTRE scores holding
     # trigger_min_size to trigger_max_share of the class, when the groups' separation (Ashman's D) is at least
-    # trigger_separation. Suspects never train a judge; one is removed when its judged p(label) is below
-    # trigger_threshold.
+    # trigger_separation times the median class's, or the smaller of its two feature clusters (at most
+    # trigger_max_share) when their silhouette is at least trigger_cluster times the median class's (0: not
+    # used). Suspects never train a judge; one is removed when its judged p(label) is below trigger_threshold.
     trigger_epochs: NonNegativeInt = 0
     trigger_max_share: PositiveFraction = 0.25
-    trigger_separation: NonNegativeFloat = 5.0
+    trigger_separation: NonNegativeFloat = 1.3
+    trigger_cluster: NonNegativeFloat = 0.0
     trigger_min_size: Count = 5
     trigger_threshold: Fraction = 0.5
     # With the trigger stage: classes whose flipped images its model (trained without flips) mostly takes for each
@@ -287,10 +289,10 @@ AFTER_LEARNERS = ("vote_min_count", "refinement_rounds", "refinement_epochs", "r
                   "refinement_threshold", "vote_rule", "vote_threshold", "refinement_folds",
                   "refinement_train_threshold", "refinement_judge", "refinement_class_floor",
                   "anomaly_ratio", "anomaly_threshold", "anomaly_z", "max_class_removed", "allow_class_loss",
-                  "trigger_threshold", "trigger_separation", "trigger_min_size")
+                  "trigger_threshold", "trigger_separation", "trigger_min_size", "trigger_cluster")
 
 # Defense keys added after checkpoints existed, with the default that behaves as before them.
-LATER_KEYS = {"trigger_epochs": 0, "trigger_max_share": 0.25, "trigger_separation": 5.0, "trigger_min_size": 5,
+LATER_KEYS = {"trigger_epochs": 0, "trigger_max_share": 0.25,
               "detect_mirrors": False, "mirror_share": 0.5}
 
 
@@ -400,7 +402,8 @@ class Checkpoint:
                                              "meter": dataclasses.asdict(meter)}))
         with atomic_output(self._path("trigger", "npz")) as tmp:  # last: its presence marks the stage done
             with open(tmp, "wb") as fh:
-                np.savez(fh, suspects=stage.suspects, scores=stage.scores)
+                np.savez(fh, suspects=stage.suspects, scores=stage.scores, minor=stage.minor,
+                         silhouette=stage.silhouette)
 
     def load_trigger(self) -> tuple[TriggerStage, ComputeMeter] | None:
         if not self.directory:
@@ -411,8 +414,11 @@ class Checkpoint:
         try:
             with np.load(npz, allow_pickle=False) as arrays:
                 info = json.loads(meta.read_text())
+                if "minor" not in arrays.files:  # written before the cluster test: the stage runs again
+                    return None
                 stage = TriggerStage(arrays["suspects"].astype(bool), arrays["scores"].astype(np.float64),
-                                     tuple(tuple(int(c) for c in p) for p in info["mirror_pairs"]), info["groups"])
+                                     tuple(tuple(int(c) for c in p) for p in info["mirror_pairs"]), info["groups"],
+                                     arrays["minor"].astype(bool), arrays["silhouette"].astype(np.float64))
                 return stage, ComputeMeter(**info["meter"])
         except Exception as exc:
             log.warning("%s: damaged checkpoint (%s); the trigger stage runs again", npz, exc)
@@ -519,11 +525,13 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
             spent_before, start = meter.seconds, time.monotonic()
             # The split is drawn again from the saved scores: other split settings reuse the stage's model.
             marked, groups = split_suspects(stage.scores, labels, n_classes, cfg.trigger_max_share,
-                                            cfg.trigger_separation, cfg.trigger_min_size)
+                                            cfg.trigger_separation, cfg.trigger_min_size, stage.minor,
+                                            stage.silhouette, cfg.trigger_cluster)
             stage = dataclasses.replace(stage, suspects=marked, groups=groups)
         else:
             stage = run_trigger_stage(data, images, labels, n_classes, cfg.learner_train, cfg.trigger_epochs,
                                       cfg.trigger_max_share, cfg.trigger_separation, cfg.trigger_min_size,
+                                      cfg.trigger_cluster,
                                       cfg.detect_mirrors, cfg.mirror_share, meter, derive_seed(cfg.seed, 5))
             ckpt.save_trigger(stage, dataclasses.replace(stamp()))
         suspects = stage.suspects

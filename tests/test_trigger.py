@@ -9,7 +9,7 @@ from incompat import ispl
 from incompat.attacks import Scenario, Trigger, poison
 from incompat.ispl import DefenseConfig, run_defense
 from incompat.training import ComputeMeter, TensorData, TrainConfig, fit
-from incompat.trigger import mirror_pairs, split_suspects, top_group
+from incompat.trigger import class_clusters, mirror_pairs, split_suspects, top_group
 from tests.conftest import make_imageset
 
 TRAIN = {"model": "small_cnn", "width": 8, "batch_size": 32, "lr": 0.05, "schedule": "constant",
@@ -26,7 +26,7 @@ def crossfit(**overrides) -> DefenseConfig:
     return DefenseConfig.from_dict(values)
 
 
-WITH_TRIGGER = {"trigger_epochs": 8, "trigger_separation": 4.0}
+WITH_TRIGGER = {"trigger_epochs": 8, "trigger_separation": 1.3, "trigger_cluster": 1.7}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,31 @@ def test_top_group_finds_a_group_that_stands_apart_and_not_a_smooth_tail():
 
 def test_split_suspects_marks_only_the_class_with_a_group():
     rng = np.random.default_rng(1)
-    labels = np.repeat(np.arange(3), 500)
+    labels = np.repeat(np.arange(5), 500)
     scores = rng.chisquare(2, len(labels))
     group = np.flatnonzero(labels == 2)[:40]
     scores[group] = rng.uniform(300, 500, 40)
-    suspects, groups = split_suspects(scores, labels, 3, 0.25, 5.0, 5)
+    suspects, groups = split_suspects(scores, labels, 5, 0.25, 1.3, 5)
     assert np.array_equal(np.flatnonzero(suspects), group)
-    assert [g["label"] for g in groups] == [2] and groups[0]["size"] == 40
+    assert [g["label"] for g in groups] == [2] and groups[0]["size"] == 40 and groups[0]["found_by"] == "scores"
+    # Relative to the median class: the same scores in every class stand apart in none of them.
+    same = np.concatenate([scores[labels == 2]] * 5)
+    assert not split_suspects(same, labels, 5, 0.25, 1.3, 5)[0].any()
+
+
+def test_a_tight_small_cluster_is_suspect_and_unimodal_classes_are_not():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(5), 400)
+    features = rng.normal(size=(len(labels), 6))
+    planted = np.flatnonzero(labels == 3)[:60]
+    direction = rng.normal(size=6)
+    features[planted] = 10.0 * direction / np.linalg.norm(direction) + rng.normal(scale=0.3, size=(60, 6))
+    minor, silhouette = class_clusters(features, labels, 5, components=4)
+    scores = np.ones(len(labels))  # no score stands out: only the clusters can mark anything
+    suspects, groups = split_suspects(scores, labels, 5, 0.25, 1.3, 5, minor, silhouette, 1.7)
+    assert set(np.flatnonzero(suspects)) == set(planted.tolist())
+    assert [(g["label"], g["found_by"]) for g in groups] == [(3, "clusters")]
+    assert not split_suspects(scores, labels, 5, 0.25, 1.3, 5, minor, silhouette, 0.0)[0].any()  # 0: not used
 
 
 def test_mirror_classes_are_found_from_a_model_trained_without_flips():
