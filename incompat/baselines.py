@@ -53,10 +53,6 @@ def spectral_signatures(features: np.ndarray, labels: np.ndarray, n_classes: int
 
 def activation_clustering(features: np.ndarray, labels: np.ndarray, n_classes: int, components: int = 10,
                           max_cluster_fraction: float = 0.35, seed: int = 0) -> DetectorResult:
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import FastICA
-    from sklearn.exceptions import ConvergenceWarning
-
     features = np.asarray(features, dtype=np.float64)
     remove = np.zeros(len(labels), dtype=bool)
     scores = np.zeros(len(labels))
@@ -64,18 +60,7 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, n_classes: i
         rows = np.flatnonzero(labels == c)
         if len(rows) < max(4, components + 1):
             continue
-        x = features[rows]
-        x = x - x.mean(axis=0)
-        n_comp = min(components, x.shape[1], len(rows) - 1)
-        try:
-            with warnings.catch_warnings():
-                # Non-convergence only means the components are approximate; 2-means still runs on them.
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                reduced = FastICA(n_components=n_comp, random_state=seed, max_iter=400,
-                                  whiten="unit-variance").fit_transform(x)
-        except (ValueError, np.linalg.LinAlgError):
-            reduced = x[:, :n_comp]
-        assignment = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
+        _, assignment = ica_two_means(features[rows], components, seed)
         sizes = np.bincount(assignment, minlength=2)
         small = int(np.argmin(sizes))
         fraction = sizes[small] / len(rows)
@@ -84,6 +69,27 @@ def activation_clustering(features: np.ndarray, labels: np.ndarray, n_classes: i
         if fraction <= max_cluster_fraction:
             remove[rows[assignment == small]] = True
     return DetectorResult(remove, scores)
+
+
+def ica_two_means(x: np.ndarray, components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One class's centred rows reduced to independent components (the first `components` coordinates when ICA
+    fails) and split in two by 2-means: (reduced rows, cluster of each row). Activation clustering's recipe."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    n_comp = min(components, x.shape[1], len(x) - 1)
+    try:
+        with warnings.catch_warnings():
+            # Non-convergence only means the components are approximate; 2-means still runs on them.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            reduced = FastICA(n_components=n_comp, random_state=seed, max_iter=400,
+                              whiten="unit-variance").fit_transform(x)
+    except (ValueError, np.linalg.LinAlgError):
+        reduced = x[:, :n_comp]
+    return reduced, KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
 
 
 def _que_scores(whitened: np.ndarray, alpha: float) -> np.ndarray:

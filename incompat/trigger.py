@@ -32,13 +32,12 @@ and one is removed when its judged p(label) stays below `trigger_threshold`.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from incompat.baselines import spectre
+from incompat.baselines import ica_two_means, spectre
 from incompat.training import ComputeMeter, TensorData, TrainConfig, extract_features, fit, predict
 
 
@@ -89,9 +88,6 @@ def class_clusters(features: np.ndarray, labels: np.ndarray, n_classes: int, com
                    sample: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per class: independent components of its centred features, split in two by 2-means; the smaller cluster's
     members and the split's silhouette (on at most `sample` of the class's rows, seeded)."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import FastICA
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import silhouette_score
 
     features = np.asarray(features, dtype=np.float64)
@@ -103,16 +99,7 @@ def class_clusters(features: np.ndarray, labels: np.ndarray, n_classes: int, com
         n_comp = min(components, features.shape[1], len(rows) - 1)
         if len(rows) < 4 * max(n_comp, 1) or n_comp < 2:
             continue
-        x = features[rows] - features[rows].mean(axis=0)
-        try:
-            with warnings.catch_warnings():
-                # Non-convergence only means the components are approximate; 2-means still runs on them.
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                reduced = FastICA(n_components=n_comp, random_state=seed, max_iter=400,
-                                  whiten="unit-variance").fit_transform(x)
-        except (ValueError, np.linalg.LinAlgError):
-            continue
-        assignment = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
+        reduced, assignment = ica_two_means(features[rows], components, seed)
         sizes = np.bincount(assignment, minlength=2)
         if sizes.min() == 0:
             continue
