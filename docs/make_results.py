@@ -52,8 +52,9 @@ there but removes only 5 of the 50 poisons (the attack is not stopped). Since 20
 `cpu_trigger`, which needs no list of mirror-image classes: on GTSRB a median 97.8% of the poisons at 1.90% of the
 clean images on eight scenarios no one tuned for (99% in four of them). Its trigger stage, measured against the
 dataset's own classes since that afternoon, caught a held-out learned CIFAR-10 `ell` attack (99.8% at 4.99%); it
-flags no GTSRB poison, and on `make run` it flagged 130 clean birds (8 of 50 poisons removed, attack not stopped). With `cpu_crossfit` and the mirror pairs named, two
-earlier untuned GTSRB scenarios lost most of their poisons, where activation clustering removed 98-100%.""",
+flags no GTSRB poison, and on `make run` it flagged 130 clean birds (8 of 50 poisons removed, attack not stopped).
+With `cpu_crossfit` and the mirror pairs named, two earlier untuned GTSRB scenarios lost most of their poisons,
+where activation clustering removed 98-100%.""",
     },
     {
         "title": "The default run (`make run`)",
@@ -141,8 +142,9 @@ poisons correct.""",
         "before": """\
 Issue 23's eight new GTSRB scenarios (`bench/scenarios/`, written 2026-12-04 before any of them ran; SCENARIOS is
 their eight files, comma-separated), full GTSRB, `cpu_trigger` as it was before the relative split (an absolute
-separation of 5, no cluster test) with no mirror-pair list (its model finds them), no retraining. Each method's cell is recall / clean removed on the same poisoned data; the peers read the features
-of the undefended model. *TMR no defense*: the undefended 15-epoch model's targeted misclassification (learned: >= 10%).
+separation of 5, no cluster test) with no mirror-pair list (its model finds them), no retraining. Each method's
+cell is recall / clean removed on the same poisoned data; the peers read the features of the undefended model.
+*TMR no defense*: the undefended 15-epoch model's targeted misclassification (learned: >= 10%).
 *ISPL+B ahead*: at least every peer's recall at no more clean removed. None of these scenarios chose a setting.""",
         "after": """\
 The trigger stage itself found none of these poisons (What was tried, below): what removed them is the cross-fitted
@@ -175,18 +177,18 @@ pattern poisons at 5.30%.""",
         "title": "The trigger stage's two tests, relative to the dataset's own classes",
         "csv": "trigger_split.csv",
         "before": """\
-What chose `cpu_trigger`'s settings of 2026-12-05 (tuning scenarios only). The stage's 12-epoch model on everything,
-per class: the separation of the top group of its SPECTRE scores (Ashman's D of the Otsu split) and the silhouette
-of its two feature clusters (ICA + 2-means, activation clustering's recipe), each as a multiple of the median
+What chose `cpu_trigger`'s settings of 2026-12-05 (tuning scenarios only). The stage's 12-epoch model on
+everything, per class: the separation of the top group of its SPECTRE scores (Ashman's D of the Otsu split) and
+the silhouette of its two feature clusters (ICA + 2-means, activation clustering's recipe), each as a multiple of the median
 class's. An absolute separation of 5 (the settings before) missed the CIFAR-10 pattern group (4.55) while GTSRB's
 clean classes reached 5.2-8.1: how far a clean class's tail reaches depends on the data.""",
         "after": """\
 A learned pattern stands out in the scores (1.55x, no clean class above 1.23x) and a learned `ell` as a cluster
 (1.88x, clean classes up to 1.55x): trigger_separation 1.3 and trigger_cluster 1.7 lie between, by margins of
-0.2-0.3. Triggers the model has not learned (pixel, `ell` 5%) stand out in neither. On GTSRB no poisoned class stands
-out, while clean classes reach 2.5x and 3.0x (tracks of near-identical images): there the stage flags clean groups
-and its recall stays the cross-fitted judges'. End to end on the tuning scenario `paper:100:15` the stage flagged the
-poisoned class's group alone (589 images, 1.55x) and ISPL+B removed 97.8% of the poisons at 5.37% of the clean
+0.2-0.3. Triggers the model has not learned (pixel, `ell` 5%) stand out in neither. On GTSRB no poisoned class
+stands out, while clean classes reach 2.5x and 3.0x (tracks of near-identical images): there the stage flags clean
+groups and its recall stays the cross-fitted judges'. End to end on the tuning scenario `paper:100:15` the stage
+flagged the poisoned class's group alone (589 images, 1.55x) and ISPL+B removed 97.8% of the poisons at 5.37% of the clean
 images, where the absolute separation had left it at 63.4% / 5.58% (30.5 epoch-equivalents, 346 s; `bench/
 bench_defense.py --scenarios paper:100:15 --methods ispl --detect-only --profile cpu_trigger`).""",
     },
@@ -209,9 +211,9 @@ On the learned `ell` attack (`paper:101:21`, 99.5% TMR without defense) both tes
 the poisons at 4.99% of the clean images, at least AC's 99.6% at 4.99%. On the CIFAR-10 pattern that the model did
 not learn (`paper:101:9`, TMR 5.4%) the stage flagged nothing, no clean class included; the judges removed 91.6%.
 On GTSRB the stage flagged only clean groups (178-700 images per scenario, of which the judges removed 135-489:
-clean removal 2.1-3.1%, where the eight earlier scenarios had a median of 1.90% with the absolute separation). The poisons
-that escaped had judged p(label) above the refinement's threshold (0.005) and sat outside any flagged confusion
-cell: 28 of 51 blend poisons at 0.005-0.24 (median 0.03), 13 of 48 pattern poisons at 0.006-0.97 (seven under
+clean removal 2.1-3.1%, where the eight earlier scenarios had a median of 1.90% with the absolute separation).
+The poisons that escaped had judged p(label) above the refinement's threshold (0.005) and sat outside any flagged
+confusion cell: 28 of 51 blend poisons at 0.005-0.24 (median 0.03), 13 of 48 pattern poisons at 0.006-0.97 (seven under
 0.02). The defense time of 41→13 (1160 s) was measured beside the test suite.""",
     },
     {
@@ -345,8 +347,7 @@ def bench_table(section: dict) -> list[dict[str, str]]:
     role = section["role"]
     for scenario, methods in by_scenario.items():
         none = methods.get("none")
-        row = {"scenario": scenario,
-               "role": role if isinstance(role, str) else role[scenario],
+        row = {"scenario": scenario, "role": role if isinstance(role, str) else role[scenario],
                "poisons": methods[next(iter(methods))]["poison_total"],
                "tmr_no_defense": f"{float(none['tmr_before']):.1f}%" if none else "",
                "learned": none["learned"] if none else ""}
