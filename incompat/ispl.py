@@ -398,12 +398,12 @@ class Checkpoint:
         if not self.directory:
             return
         with atomic_output(self._path("trigger", "json")) as tmp:
-            Path(tmp).write_text(json.dumps({"groups": stage.groups, "mirror_pairs": stage.mirror_pairs,
+            Path(tmp).write_text(json.dumps({"mirror_pairs": stage.mirror_pairs,
                                              "meter": dataclasses.asdict(meter)}))
+        # What the stage's model measured; the suspects are drawn from it on every run (run_defense).
         with atomic_output(self._path("trigger", "npz")) as tmp:  # last: its presence marks the stage done
             with open(tmp, "wb") as fh:
-                np.savez(fh, suspects=stage.suspects, scores=stage.scores, minor=stage.minor,
-                         silhouette=stage.silhouette)
+                np.savez(fh, scores=stage.scores, minor=stage.minor, silhouette=stage.silhouette)
 
     def load_trigger(self) -> tuple[TriggerStage, ComputeMeter] | None:
         if not self.directory:
@@ -416,8 +416,9 @@ class Checkpoint:
                 info = json.loads(meta.read_text())
                 if "minor" not in arrays.files:  # written before the cluster test: the stage runs again
                     return None
-                stage = TriggerStage(arrays["suspects"].astype(bool), arrays["scores"].astype(np.float64),
-                                     tuple(tuple(int(c) for c in p) for p in info["mirror_pairs"]), info["groups"],
+                scores = arrays["scores"].astype(np.float64)
+                stage = TriggerStage(np.zeros(len(scores), dtype=bool), scores,
+                                     tuple(tuple(int(c) for c in p) for p in info["mirror_pairs"]), [],
                                      arrays["minor"].astype(bool), arrays["silhouette"].astype(np.float64))
                 return stage, ComputeMeter(**info["meter"])
         except Exception as exc:
@@ -523,17 +524,16 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
         if loaded is not None:
             stage, meter = loaded
             spent_before, start = meter.seconds, time.monotonic()
-            # The split is drawn again from the saved scores: other split settings reuse the stage's model.
-            marked, groups = split_suspects(stage.scores, labels, n_classes, cfg.trigger_max_share,
-                                            cfg.trigger_separation, cfg.trigger_min_size, stage.minor,
-                                            stage.silhouette, cfg.trigger_cluster)
-            stage = dataclasses.replace(stage, suspects=marked, groups=groups)
         else:
             stage = run_trigger_stage(data, images, labels, n_classes, cfg.learner_train, cfg.trigger_epochs,
-                                      cfg.trigger_max_share, cfg.trigger_separation, cfg.trigger_min_size,
-                                      cfg.trigger_cluster,
-                                      cfg.detect_mirrors, cfg.mirror_share, meter, derive_seed(cfg.seed, 5))
+                                      cfg.trigger_max_share, cfg.detect_mirrors, cfg.mirror_share, meter,
+                                      derive_seed(cfg.seed, 5))
             ckpt.save_trigger(stage, dataclasses.replace(stamp()))
+        # Drawn from what the stage measured on every run: other split settings reuse the stage's model.
+        marked, groups = split_suspects(stage.scores, labels, n_classes, cfg.trigger_max_share,
+                                        cfg.trigger_separation, cfg.trigger_min_size, stage.minor,
+                                        stage.silhouette, cfg.trigger_cluster)
+        stage = dataclasses.replace(stage, suspects=marked, groups=groups)
         suspects = stage.suspects
         if observe:
             observe("trigger", {"suspects": int(suspects.sum()), "groups": stage.groups,

@@ -43,7 +43,7 @@ from incompat.training import ComputeMeter, TensorData, TrainConfig, extract_fea
 
 @dataclass
 class TriggerStage:
-    suspects: np.ndarray  # bool (N,): kept out of every judge's training set
+    suspects: np.ndarray  # bool (N,): kept out of every judge's training set (drawn by split_suspects)
     scores: np.ndarray  # float (N,): the SPECTRE score within the sample's class
     mirror_pairs: tuple[tuple[int, int], ...]
     groups: list[dict]  # per suspect group: label, size, share, how it was found and how far it stands apart
@@ -149,9 +149,10 @@ def mirror_pairs(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
 
 
 def run_trigger_stage(data: TensorData, images: np.ndarray, labels: np.ndarray, n_classes: int,
-                      train_cfg: TrainConfig, epochs: int, max_share: float, min_separation: float, min_size: int,
-                      min_cluster: float, detect_mirrors: bool, mirror_share: float, meter: ComputeMeter,
-                      seed: int) -> TriggerStage:
+                      train_cfg: TrainConfig, epochs: int, max_share: float, detect_mirrors: bool,
+                      mirror_share: float, meter: ComputeMeter, seed: int) -> TriggerStage:
+    """The stage's model and what it measures (scores, clusters, mirror pairs). No suspect is marked yet: the
+    caller draws them with split_suspects, whose settings act after this model (a checkpoint keeps only these)."""
     cfg = dataclasses.replace(train_cfg, epochs=epochs, flip=False, flip_pairs=(), seed=seed)
     model = fit(data, cfg, meter=meter, progress=False)
     features = extract_features(model, data, meter=meter)
@@ -161,8 +162,6 @@ def run_trigger_stage(data: TensorData, images: np.ndarray, labels: np.ndarray, 
     # is 17% of its target class, and a group that large enters the estimate and hides).
     scores = spectre(features, labels, n_classes, epsilon=(max_share + 0.05) / 1.5, rows_per_dim=20).scores
     minor, silhouette = class_clusters(features, labels, n_classes, seed=seed)
-    suspects, groups = split_suspects(scores, labels, n_classes, max_share, min_separation, min_size, minor,
-                                      silhouette, min_cluster)
     pairs = (mirror_pairs(model, images, labels, n_classes, data, meter, mirror_share, seed=seed)
              if detect_mirrors else ())
-    return TriggerStage(suspects, scores, pairs, groups, minor, silhouette)
+    return TriggerStage(np.zeros(len(labels), dtype=bool), scores, pairs, [], minor, silhouette)
