@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--scenarios", default="paper:100:0-23")
     ap.add_argument("--methods", default="none,oracle,ispl,spectral,ac,spectre")
     ap.add_argument("--subset", type=int, default=None, help="stratified subset of the training set")
-    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--profile", default=None,
+                    help="a name under defense_profiles (default: defense.profile of --params)")
     ap.add_argument("--set", action="append", default=[], help="defense override key=value")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / "results" / "cache",
@@ -128,6 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         overrides.setdefault("learner_train", {})["threads"] = args.threads
     params = load_params(args.params, profile=args.profile, defense_overrides=overrides)
+    args.profile = params.profile
     train_cfg = params.train if not args.threads else dataclasses.replace(params.train, threads=args.threads)
     cache = args.cache
     train_full = load_split(args.dataset, "train", cache)

@@ -10,7 +10,7 @@ the share of the poisons the vote did not keep, recomputed from the learner chec
 parameters (params.yaml, `--set` as for the run): with outside judging the refinement removes none of the others,
 so no threshold or score can reach a higher recall with these learners.
 
-  .venv/bin/python bench/compare_detection.py bench/results/checkpoints/cifar10-full --profile cpu
+  .venv/bin/python bench/compare_detection.py bench/results/checkpoints/cifar10-full
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ TARGET_CLEAN = 0.05  # the issue's budget: recall >= 99% with at most 5% of the 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="a checkpoint folder of one dataset, e.g. .../cifar10-full")
-    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--profile", default=None, help="default: defense.profile of --params")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", action="append", default=[], help="defense override key=value, as the run had")
     args = ap.parse_args()
-    cfg = load_params(args.params, profile=args.profile, defense_overrides=parse_overrides(args.set)).defense
+    params = load_params(args.params, profile=args.profile, defense_overrides=parse_overrides(args.set))
+    cfg, args.profile = params.defense, params.profile
     rows = []
     for scenario_dir in sorted(p for p in args.root.iterdir() if p.is_dir()):
         result_path, base_path = scenario_dir / args.profile / "result.npz", scenario_dir / "baselines.npz"

@@ -32,7 +32,8 @@ def test_recall_at_the_targets_budget_and_at_the_baselines(tmp_path):
     ac = np.zeros(n, dtype=bool)
     _scenario(tmp_path, "a-perfect", poison, perfect, ~poison, spectral, ac)
     _scenario(tmp_path, "b-late", poison, late, keep, spectral, ac)
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_detection.py"), str(tmp_path)],
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_detection.py"), str(tmp_path),
+                          "--profile", "cpu"],
                          capture_output=True, text=True, check=True).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("a-", "b-"))}
     # scenario, poisons, ISPL recall / clean, @5%, spectral recall / clean, ISPL@budget, ac recall / clean, ISPL@budget
@@ -78,7 +79,8 @@ def test_the_vote_column_counts_the_poisons_the_vote_did_not_keep(tmp_path):
                  predictions=row, probabilities=np.eye(3, dtype=np.float16)[row])
 
     def vote_column(*extra):
-        out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_detection.py"), str(tmp_path), *extra],
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_detection.py"), str(tmp_path),
+                              "--profile", "cpu", *extra],
                              capture_output=True, text=True, check=True).stdout
         return next(line.split() for line in out.splitlines() if line.startswith("c-voted"))[6], out
 

@@ -58,6 +58,7 @@ def repo(tmp_path_factory):
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     for package in ("incompat", "flows", "tasks"):
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "bench" / "scenarios", repo / "bench" / "scenarios")  # a dep of the poison stage
     for path in _git_ignore_files(ROOT):
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, repo / path)
