@@ -139,13 +139,13 @@ def main() -> None:
     csv_path = Path(args.csv)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists() or csv_path.stat().st_size == 0
-    done: set[tuple[str, str, str]] = set()  # (n_train, scenario, method) rows the CSV already holds
+    done: dict[tuple[str, str, str], dict] = {}  # (n_train, scenario, method) -> the row the CSV already holds
     if not new_file:
         with open(csv_path, newline="") as existing:
             reader = csv.DictReader(existing)
             if reader.fieldnames != FIELDS:
                 sys.exit(f"{csv_path} has other columns ({len(reader.fieldnames or [])}); pass --csv NEW_FILE")
-            done = {(r["n_train"], r["scenario"], r["method"]) for r in reader if r["dataset"] == args.dataset}
+            done = {(r["n_train"], r["scenario"], r["method"]): r for r in reader if r["dataset"] == args.dataset}
     rows = []
     # Wall times differ 2-3x between the machine kinds this project has run on: say which one measured them.
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -176,7 +176,14 @@ def main() -> None:
                                         target=scenario.target, progress=args.progress)
                 return ev, time.monotonic() - t0
 
+            def recorded(method):
+                """The CSV's row of a method a stopped run already measured on this scenario (--resume)."""
+                return done.get((str(len(train)), scenario.name, method)) if args.resume else None
+
             def record(method, removed, ev, seconds, defense_seconds=0.0, cost=0.0):
+                if recorded(method):  # measured before the stop: one row per method, the first one
+                    print(f"# {scenario.name} {method}: already in {csv_path}, not written again", flush=True)
+                    return
                 conf = detection_confusion(removed, poison_mask)
                 tmr_after = None if ev is None else round(100 * ev.targeted_misclassification, 2)
                 tmr_before = None if before is None else round(100 * before.targeted_misclassification, 2)
@@ -204,11 +211,14 @@ def main() -> None:
             if any(m in methods for m in ("none", "spectral", "ac", "spectre")):
                 before, secs = retrain(None, even_if_detect_only=True)  # the baselines read its features
                 record("none", nothing, before, secs)
-            if "oracle" in methods:
+            if "oracle" in methods and recorded("oracle"):
+                tmr = recorded("oracle")["tmr_after"]
+                oracle_tmr = float(tmr) if tmr else None
+            elif "oracle" in methods:
                 ev, secs = retrain(np.flatnonzero(~poison_mask))
                 oracle_tmr = None if ev is None else round(100 * ev.targeted_misclassification, 2)
                 record("oracle", poison_mask, ev, secs)
-            if "ispl" in methods:
+            if "ispl" in methods and not recorded("ispl"):
                 ckdir, digest = None, ""
                 if scenario_dir is not None:
                     ckdir = scenario_dir / args.profile
@@ -230,7 +240,7 @@ def main() -> None:
                 removed_by = {}
                 for method, detect in (("spectral", spectral_signatures), ("ac", activation_clustering),
                                        ("spectre", spectre)):
-                    if method not in methods:
+                    if method not in methods or recorded(method):
                         continue
                     t0 = time.monotonic()
                     found = detect(feats, train.labels, train.n_classes)
