@@ -1,0 +1,58 @@
+"""bench/bench_defense.py --resume: a stopped benchmark goes on without writing a method twice, and judges a newly
+added method's neutralisation against the oracle row it already holds."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from incompat.data import write_dataset
+from tests.conftest import make_imageset
+from tests.test_cli_pipeline import TINY_PROFILE
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = "paper-s100-id15-3to7-pattern-0.1"
+
+
+def _bench(tmp_path, methods, *extra):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_defense.py"), "--dataset", "cifar10",
+         "--scenarios", "paper:100:15", "--methods", methods, "--params", str(tmp_path / "params.yaml"),
+         "--cache", str(tmp_path / "cache"), "--csv", str(tmp_path / "out.csv"), "--threads", "1", *extra],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+
+
+def _rows(tmp_path):
+    with open(tmp_path / "out.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_resume_adds_only_the_missing_methods(tmp_path):
+    (tmp_path / "cache").mkdir()
+    write_dataset(make_imageset(n_per_class=20, n_classes=10, size=32, prefix="train"),
+                  tmp_path / "cache" / "cifar10-train.parquet")
+    write_dataset(make_imageset(n_per_class=4, n_classes=10, size=32, seed=1, prefix="test"),
+                  tmp_path / "cache" / "cifar10-test.parquet")
+    params = {"train": {"model": "small_cnn", "width": 8, "epochs": 1, "batch_size": 64, "threads": 1},
+              "defense": {"profile": "tiny"}, "defense_profiles": {"tiny": TINY_PROFILE}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    _bench(tmp_path, "none,oracle")  # the run that "stopped" after two methods
+    first = _rows(tmp_path)
+    assert [r["method"] for r in first] == ["none", "oracle"]
+    assert all(r["scenario"] == SCENARIO for r in first)
+
+    out = _bench(tmp_path, "none,oracle,spectral", "--resume")
+    rows = _rows(tmp_path)
+    assert [r["method"] for r in rows] == ["none", "oracle", "spectral"]
+    assert rows[:2] == first  # the recorded rows are left as they were
+    assert f"{SCENARIO} none: already in" in out
+    # the oracle was not retrained, yet its TMR from the CSV still gives spectral's verdict
+    assert rows[2]["tmr_after"] != "" and rows[2]["neutralised"] in ("0", "1")
+
+    out = _bench(tmp_path, "none,oracle,spectral", "--resume")
+    assert f"# {SCENARIO}: every method already in" in out
+    assert _rows(tmp_path) == rows
