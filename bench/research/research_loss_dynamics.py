@@ -27,7 +27,7 @@ from bench_defense import load_split, scenario_list  # noqa: E402
 from ranking import recall_at  # noqa: E402
 from incompat.attacks import poison  # noqa: E402
 from incompat.config import load_params  # noqa: E402
-from incompat.training import TensorData, fit  # noqa: E402
+from incompat.training import TensorData, extract_features, fit  # noqa: E402
 
 
 class _Recorder:
@@ -35,6 +35,7 @@ class _Recorder:
 
     def __init__(self):
         self.losses = []
+        self.predicted = []
 
     def __getattr__(self, name):
         return getattr(F, name)
@@ -42,6 +43,7 @@ class _Recorder:
     def cross_entropy(self, *args, **kwargs):
         out = F.cross_entropy(*args, **kwargs)
         self.losses.append(out.detach().float().cpu())
+        self.predicted.append(args[0].detach().argmax(1).cpu())
         return out
 
 
@@ -57,14 +59,16 @@ def loss_curves(images, labels, n_classes, cfg, epochs):
     data.augmented_batch = batch
     training.F = recorder
     try:
-        fit(data, dataclasses.replace(cfg, epochs=epochs, flip=False, flip_pairs=()), progress=False)
+        model = fit(data, dataclasses.replace(cfg, epochs=epochs, flip=False, flip_pairs=()), progress=False)
     finally:
         training.F = F
     curves = np.full((epochs, len(labels)), np.nan, dtype=np.float32)
+    predicted = np.full((epochs, len(labels)), -1, dtype=np.int16)
     steps = len(seen) // epochs
-    for s, (idx, loss) in enumerate(zip(seen, recorder.losses)):
+    for s, (idx, loss, pred) in enumerate(zip(seen, recorder.losses, recorder.predicted)):
         curves[s // steps, idx.numpy()] = loss.numpy()
-    return curves
+        predicted[s // steps, idx.numpy()] = pred.numpy()
+    return curves, predicted, extract_features(model, data).astype(np.float16)
 
 
 def scores(curves: np.ndarray) -> dict[str, np.ndarray]:
@@ -97,10 +101,11 @@ def main() -> None:
         if out is not None and out.exists():
             curves = np.load(out)["curves"]
         else:
-            curves = loss_curves(train.images, train.labels, train.n_classes, cfg, args.epochs)
+            curves, predicted, features = loss_curves(train.images, train.labels, train.n_classes, cfg, args.epochs)
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(out, curves=curves, poison=mask, labels=train.labels)
+                np.savez(out, curves=curves, predicted=predicted, features=features, poison=mask,
+                         labels=train.labels)
         seconds = time.monotonic() - t0
         in_target = train.labels == scenario.target
         for name, value in scores(curves).items():
