@@ -279,10 +279,22 @@ looking: `paper:100:18` showed the problem (tuning); the others of the run above
         "after": """\
 Where the stage marked the trigger, a higher threshold takes the marked poisons the judges half-believe: at 0.95,
 99.8% and 99.1% on the two judging scenarios (from 97.8% and 97.2%) for at most 0.06 points more clean images, 97.0%
-on the tuning one. The default stays 0.5 until the same is measured on GTSRB, where the stage marks clean tracks of
-near-identical signs and a higher threshold removes more of them (178-700 marked per scenario, 135-489 removed at
-0.5; 2026-12-05 above). Scenarios where the stage marked nothing are listed once: every threshold gives the same
-mask there.""",
+on the tuning one. On GTSRB the stage marks clean tracks of near-identical signs, and a higher threshold removes more
+of them: the next table judged 0.95 there. Scenarios where the stage marked nothing are listed once: every threshold
+gives the same mask there.""",
+    },
+    {
+        "title": "The trigger threshold 0.95 on GTSRB",
+        "csv": "trigger_verdict_gtsrb.csv",
+        "before": """\
+The rule written before this run (bench/research/README.md): 0.95 becomes the default if, over all 16 GTSRB
+scenarios of `bench/scenarios/`, the median rise in clean images removed is <= 0.25 points, none rises by more than
+1 point and none ends above 5%. The stage marked 56-996 images per scenario and none of them was a poison, so the
+threshold changes only how many clean images go; recall is the same at both thresholds.""",
+        "after": """\
+Median rise 0.20 points, largest 0.80 (7→8 `pixel`, ending at 4.27%): 0.95 passed and has been `cpu_trigger`'s
+`trigger_threshold` since 2026-12-06. The stage finds no GTSRB poison in any of the 16 scenarios: what it removes
+there is clean images of the signs that look alike, a cost of 0.0-0.8 points that buys nothing on this dataset.""",
     },
     {
         "title": "Why CIFAR-10 detection falls short",
