@@ -201,3 +201,16 @@ def test_ispl_is_ahead_only_with_every_peers_recall_at_no_more_clean_removed():
     assert make_results.ahead_of_peers(ispl, [{"recall_pct": "99.0", "clean_removed_pct": "2.0"}])
     assert not make_results.ahead_of_peers(ispl, [{"recall_pct": "100.0", "clean_removed_pct": "15.0"}])
     assert not make_results.ahead_of_peers(ispl, [{"recall_pct": "50.0", "clean_removed_pct": "1.0"}])
+
+
+def test_a_scenario_the_benchmark_has_not_reached_ispl_on_is_left_out_of_the_medians():
+    # A resumable benchmark's CSV is committed while it runs: the no-defense and oracle rows of the scenario in
+    # progress are there, ISPL+B's not yet.
+    sys.path.insert(0, str(ROOT / "docs"))
+    import make_results
+
+    done = {"learned": "1", "ispl": "98.0% / 5.00%", "neutralised": "yes", "ispl_accuracy_within_1pt_of_oracle": "no"}
+    running = {"learned": "1", "ispl": "", "neutralised": "", "ispl_accuracy_within_1pt_of_oracle": ""}
+    summary = make_results.bench_summary([done, running])
+    assert "learned attacks (1): ISPL+B median recall 98.0% at 5.00% clean removed" in summary
+    assert "neutralised in 1 of the 1" in summary
