@@ -53,11 +53,10 @@ classes, caught a held-out learned CIFAR-10 `ell` attack (99.8% at 4.99%); it fl
 retrainings with it neutralised three held-out learned attacks (TMR 0.0%, as the oracle's), at 0.6-0.7 points of
 accuracy below the oracle on GTSRB and 1.27 on CIFAR-10. On 11 of the paper's 24 CIFAR-10 scenarios (the trigger
 verdict at 0.95 since 2026-12-06) it neutralised 3 of the 5 learned attacks and every retraining lost 1.0-1.8 points
-against the oracle. The default run (`make run`) moved from a 10k CIFAR-10
-subset, where the defense removed 8 of 50 poisons and did not stop the attack, to full GTSRB with one of those
-learned attacks: attack success 87.0% → 0.0% for 0.1-0.5 points of accuracy. With `cpu_crossfit` and the mirror pairs
-named, two earlier untuned GTSRB scenarios lost most of their poisons, where activation clustering removed
-98-100%.""",
+against the oracle. The default run (`make run`) moved from a 10k CIFAR-10 subset, where the defense removed 8 of
+50 poisons and did not stop the attack, to full GTSRB with one of those learned attacks: attack success 87.0% → 0.0%
+for 0.1-0.5 points of accuracy. With `cpu_crossfit` and the mirror pairs named, two earlier untuned GTSRB scenarios
+lost most of their poisons, where activation clustering removed 98-100%.""",
     },
     {
         "title": "The default run (`make run`)",
