@@ -13,6 +13,7 @@ long run that is stopped keeps what it measured.
   OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python bench/bench_defense.py --threads 1 ...   # on a shared machine
   .venv/bin/python bench/bench_defense.py ... --checkpoints bench/results/checkpoints   # resumable defense
   .venv/bin/python bench/bench_defense.py ... --methods none,ispl,spectral,ac --detect-only   # no retraining
+  .venv/bin/python bench/bench_defense.py ... --methods none,oracle,ispl,spectral,ac,spectre --peers-detect-only
   .venv/bin/python bench/bench_defense.py ... --csv bench/results/mine.csv --resume   # go on after a stop
 """
 
@@ -117,6 +118,9 @@ def main() -> None:
                     help="measure what each defense removes, without retraining on its kept set (ASR and accuracy "
                          "after stay empty): about a third of the time per scenario, for detection over many "
                          "scenarios; the none model is still trained, for the baselines' features")
+    ap.add_argument("--peers-detect-only", action="store_true",
+                    help="measure what the peers (spectral, ac, spectre) remove without retraining on their kept sets: "
+                         "issue 23 compares them on detection, and each retraining costs as much as the whole peer")
     ap.add_argument("--resume", action="store_true",
                     help="skip the scenarios whose every method already has a row in --csv (one CSV per profile "
                          "and settings: the rows do not name them), so a benchmark longer than a session goes on")
@@ -182,7 +186,9 @@ def main() -> None:
 
             def record(method, removed, ev, seconds, defense_seconds=0.0, cost=0.0):
                 if recorded(method):  # measured before the stop: one row per method, the first one
-                    print(f"# {scenario.name} {method}: already in {csv_path}, not written again", flush=True)
+                    again = "" if ev is None else (f" (this run: TMR {100 * ev.targeted_misclassification:.2f}%, "
+                                                   f"accuracy {100 * ev.clean_accuracy:.2f}%)")
+                    print(f"# {scenario.name} {method}: already in {csv_path}, not written again{again}", flush=True)
                     return
                 conf = detection_confusion(removed, poison_mask)
                 tmr_after = None if ev is None else round(100 * ev.targeted_misclassification, 2)
@@ -247,7 +253,8 @@ def main() -> None:
                     found = detect(feats, train.labels, train.n_classes)
                     detect_seconds = time.monotonic() - t0 + feat_seconds
                     removed_by[method] = found.remove_mask
-                    ev, secs = retrain(np.flatnonzero(~found.remove_mask))
+                    ev, secs = ((None, None) if args.peers_detect_only
+                                else retrain(np.flatnonzero(~found.remove_mask)))
                     # Their cost: the poisoned model's training (counted once) + one inference pass.
                     record(method, found.remove_mask, ev, secs, detect_seconds, train_cfg.epochs + 1 / 3)
                 if scenario_dir is not None:  # their removals, beside ISPL+B's result.npz, for later study

@@ -1,5 +1,5 @@
-"""bench/bench_defense.py --resume: a stopped benchmark goes on without writing a method twice, and judges a newly
-added method's neutralisation against the oracle row it already holds."""
+"""bench/bench_defense.py --resume: a stopped benchmark goes on without writing a method twice, judges a newly
+added method's neutralisation against the oracle row it already holds, and adds peers for detection only."""
 
 import csv
 import os
@@ -56,3 +56,12 @@ def test_resume_adds_only_the_missing_methods(tmp_path):
     out = _bench(tmp_path, "none,oracle,spectral", "--resume")
     assert f"# {SCENARIO}: every method already in" in out
     assert _rows(tmp_path) == rows
+
+    # a peer added for detection only: its removal is measured, its kept set is not retrained
+    out = _bench(tmp_path, "none,oracle,spectral,spectre", "--resume", "--peers-detect-only")
+    added = _rows(tmp_path)
+    assert added[:3] == rows and added[3]["method"] == "spectre"
+    assert added[3]["recall_pct"] != "" and added[3]["clean_removed"] != ""
+    assert added[3]["tmr_after"] == added[3]["acc_after"] == added[3]["retrain_seconds"] == ""
+    assert added[3]["tmr_before"] != ""  # the none model is trained again: the peers read its features
+    assert f"{SCENARIO} none: already in" in out and "(this run: TMR" in out

@@ -214,3 +214,15 @@ def test_a_scenario_the_benchmark_has_not_reached_ispl_on_is_left_out_of_the_med
     summary = make_results.bench_summary([done, running])
     assert "learned attacks (1): ISPL+B median recall 98.0% at 5.00% clean removed" in summary
     assert "neutralised in 1 of the 1" in summary
+
+
+def test_an_unlearned_attack_is_judged_against_a_judge_that_never_saw_a_poison():
+    # Issue 23's bar where the model does not learn the trigger: ISPL+B's recall at least the clean judge's at 5%.
+    sys.path.insert(0, str(ROOT / "docs"))
+    import make_results
+
+    below = {"learned": "0", "ispl": "60.0% / 5.20%", "clean_judge_5pct": "80.0%"}
+    above = {"learned": "0", "ispl": "90.0% / 5.10%", "clean_judge_5pct": "85.0%"}
+    learned = {"learned": "1", "ispl": "99.0% / 5.00%", "clean_judge_5pct": ""}
+    summary = make_results.bench_summary([below, above, learned])
+    assert "attacks not learned: ISPL+B's recall at least the clean judge's at 5% in 1 of 2" in summary

@@ -174,7 +174,7 @@ def test_device_check_smoke(tmp_path):
 
 def test_gpu_profile_is_the_papers_algorithm_at_about_26_epoch_equivalents():
     """params.yaml's gpu profile: ResNet-32 at batch 512, the paper's vote and refinement rules, and the cost its
-    comment states (~26 epoch-equivalents: the run-time design rests on it), measured here with a width-4 CNN
+    comment states (~26 epoch-equivalents: the run-time design rests on it), measured here with a small CNN
     in its place on 2,000 tiny images (the count of sample passes does not depend on the model)."""
     import dataclasses
 
@@ -189,9 +189,11 @@ def test_gpu_profile_is_the_papers_algorithm_at_about_26_epoch_equivalents():
     assert (cfg.vote_rule, cfg.refinement_judge, cfg.refinement_folds) == (
         paper.vote_rule, paper.refinement_judge, paper.refinement_folds)
     assert load_params(ROOT / "params.yaml", profile="paper").defense == paper  # the paper profile is untouched
-    small = dataclasses.replace(cfg, learner_train=dataclasses.replace(cfg.learner_train, model="small_cnn", width=4,
-                                                                       threads=1))
-    ds = make_imageset(n_per_class=200, n_classes=10, size=8)
+    # A stand-in that learns: width 4 at batch 512 and lr 0.4 took four steps an epoch and agreed with 12-24% of
+    # the labels on an AVX2-only CPU, so the vote kept nothing; 16 rows give each of the 10 classes its own band.
+    small = dataclasses.replace(cfg, learner_train=dataclasses.replace(
+        cfg.learner_train, model="small_cnn", width=16, batch_size=64, lr=0.05, threads=1))
+    ds = make_imageset(n_per_class=200, n_classes=10, size=16)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # inference too: two threads on a busy 2-core machine wait on each other
     try:

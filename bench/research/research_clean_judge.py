@@ -19,11 +19,13 @@ samples of flagged cells first. This asks whether a rule that looks for one over
 gets past the p(label) bound. `--save FILE.npz` keeps the judged probabilities for more offline rules.
 
   .venv/bin/python bench/research/research_clean_judge.py --scenario paper:100:17 --epochs 6
+  .venv/bin/python bench/research/research_clean_judge.py --profile cpu_trigger --judges clean --csv FILE.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import sys
 import time
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cell-profile", default="cpu_crossfit", help="the profile whose keep rule is applied")
     ap.add_argument("--save", type=Path, default=None, help="write the judged probabilities (and truth) here")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="append one row per judge (scenario, accuracy, recall at 1/5/10%% clean) to this CSV")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,6 +105,15 @@ def main() -> None:
                   f"{removed[poison].mean():.1%} / {removed[~poison].mean():.2%}, {flagged}; "
                   f"{c1:.1%} {c5:.1%} {c10:.1%}", flush=True)
             saved[name] = p.astype(np.float32)
+            if args.csv:
+                write_header = not args.csv.exists()
+                with open(args.csv, "a", newline="", encoding="utf-8") as fh:
+                    out = csv.writer(fh)
+                    if write_header:
+                        out.writerow(["scenario", "judge", "epochs", "accuracy_pct", "recall_at_1pct_clean",
+                                      "recall_at_5pct_clean", "recall_at_10pct_clean", "seconds"])
+                    out.writerow([scenario.name, name, args.epochs, round(100 * accuracy, 2), round(100 * r1, 2),
+                                  round(100 * r5, 2), round(100 * r10, 2), round(time.monotonic() - t0)])
     if args.save:
         np.savez_compressed(args.save, **saved)
 
