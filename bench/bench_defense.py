@@ -172,8 +172,8 @@ def main() -> None:
             before = None
             oracle_tmr = None
 
-            def retrain(indices, even_if_detect_only=False):
-                if args.detect_only and not even_if_detect_only:
+            def retrain(indices, skip=args.detect_only):
+                if skip:  # detection only: nothing to evaluate
                     return None, None
                 t0 = time.monotonic()
                 ev = train_and_evaluate(train, test, train_cfg, indices=indices, test_triggered=test_trig,
@@ -215,7 +215,7 @@ def main() -> None:
             scenario_dir = (args.checkpoints / f"{args.dataset}-{args.subset or 'full'}" / scenario.name
                             if args.checkpoints else None)
             if any(m in methods for m in ("none", "spectral", "ac", "spectre")):
-                before, secs = retrain(None, even_if_detect_only=True)  # the baselines read its features
+                before, secs = retrain(None, skip=False)  # the baselines read its features
                 record("none", nothing, before, secs)
             if "oracle" in methods:
                 prior = recorded("oracle")
@@ -253,8 +253,8 @@ def main() -> None:
                     found = detect(feats, train.labels, train.n_classes)
                     detect_seconds = time.monotonic() - t0 + feat_seconds
                     removed_by[method] = found.remove_mask
-                    ev, secs = ((None, None) if args.peers_detect_only
-                                else retrain(np.flatnonzero(~found.remove_mask)))
+                    ev, secs = retrain(np.flatnonzero(~found.remove_mask),
+                                       skip=args.detect_only or args.peers_detect_only)
                     # Their cost: the poisoned model's training (counted once) + one inference pass.
                     record(method, found.remove_mask, ev, secs, detect_seconds, train_cfg.epochs + 1 / 3)
                 if scenario_dir is not None:  # their removals, beside ISPL+B's result.npz, for later study

@@ -444,15 +444,16 @@ def ahead_of_peers(ispl: dict[str, str], peers: list[dict[str, str]]) -> bool:
                and float(ispl["clean_removed_pct"]) <= float(p["clean_removed_pct"]) for p in peers)
 
 
-def bench_table(section: dict) -> list[dict[str, str]]:
+def bench_table(section: dict, bound: list[dict[str, str]]) -> list[dict[str, str]]:
     """One row per scenario from a bench/bench_defense.py CSV kept as the benchmark wrote it (docs/results/bench/):
-    the undefended model's TMR, then recall / clean removed of every method, and whether ISPL+B is ahead."""
+    the undefended model's TMR, then recall / clean removed of every method, and whether ISPL+B is ahead; with
+    `bound` (a clean judge's rows, research_clean_judge.py --csv), that judge's recall at 5% where not learned."""
     with open(CSV_DIR / "bench" / section["bench"], newline="", encoding="utf-8") as fh:
         raw = list(csv.DictReader(fh))
     by_scenario: dict[str, dict[str, dict[str, str]]] = {}
     for row in raw:
         by_scenario.setdefault(row["scenario"], {})[row["method"]] = row
-    bound = {row["scenario"]: row for row in read_rows(section["bound"])} if "bound" in section else {}
+    bound_of = {row["scenario"]: row for row in bound}
     rows = []
     role = section["role"]
     present = {row["method"] for row in raw}
@@ -473,8 +474,8 @@ def bench_table(section: dict) -> list[dict[str, str]]:
                                  if "ispl" in methods and peers else "")
         if retrained:
             row.update(retraining(methods))
-        if "bound" in section:  # issue 23's bar for an attack the model does not learn
-            judged = bound.get(scenario)
+        if bound:  # issue 23's bar for an attack the model does not learn
+            judged = bound_of.get(scenario)
             row["clean_judge_5pct"] = (f"{float(judged['recall_at_5pct_clean']):.1f}%"
                                        if judged and row["learned"] == "0" else "")
         rows.append({**row, "date": section["date"], "command": section["command"]})
@@ -532,8 +533,9 @@ def bench_summary(rows: list[dict[str, str]]) -> str:
 def render() -> str:
     out = [HEADER]
     for section in SECTIONS:
+        bound = read_rows(section["bound"]) if "bound" in section else []  # a bench table's extra bar
         if "bench" in section:
-            rows = bench_table(section)
+            rows = bench_table(section, bound)
             source = f"`docs/results/bench/{section['bench']}` (as the benchmark wrote it)"
             shown = [{k: v for k, v in row.items() if k != "learned"} for row in rows]  # the TMR column says it
         else:
@@ -547,7 +549,7 @@ def render() -> str:
             out += [medians(rows, section["medians"]), ""]
         if section.get("after"):
             out += [section["after"], ""]
-        where = provenance(rows + (read_rows(section["bound"]) if "bound" in section else []))
+        where = provenance(rows + bound)
         out += [f"Table: {source}. " + where[0]] + where[1:] + [""]
     return "\n".join(out).rstrip("\n") + "\n"
 
