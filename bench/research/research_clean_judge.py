@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="cifar10")
     ap.add_argument("--subset", type=int, default=None)
     ap.add_argument("--scenario", default="paper:100:17")
-    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--profile", default=None,
+                    help="a name under defense_profiles (default: defense.profile of --params)")
     ap.add_argument("--epochs", type=int, default=6, help="the judge's epochs (cpu: 3 rounds of 2)")
     ap.add_argument("--judges", default="clean,all")
     ap.add_argument("--flip", action="store_true", help="also average each judge's p over the mirrored image")
