@@ -265,7 +265,7 @@ triggers, which the small CNN learns, first); the benchmark resumes from its CSV
 read the undefended model's features. *Clean judge 5%*: issue 23's bar for an attack the model does not learn, the
 recall at 5% of the clean images removed of a judge that never saw a poison (`research_clean_judge.py --judges
 clean`: each seeded half judged by the default's model trained 6 epochs on the other half's truly clean images;
-ground truth picks them, so it is a bound, not a defense). ISPL+B's own cut falls at 5.1-5.3% there.""",
+ground truth picks them, so it is a bound, not a defense). ISPL+B's own cut falls at 4.8-5.3% there.""",
         "after": """\
 Far from the targets on CIFAR-10. Rows 18, 15 and 23 were rerun on 2026-12-06 with `trigger_threshold` 0.95 (the
 default since then); on the others the stage marked nothing, so every threshold gives the same mask. Where the stage
@@ -282,7 +282,7 @@ and there the recall (41.0-64.4%) is the cross-fitted judges'. The 2→5 `pixel`
 5% of 2026-12-07 (not learned either: TMR 0.1-0.5% undefended) came out the same way: 41.0%, 81.2% and 33.6% of the
 poisons at 4.8-5.3% clean, TMR 0.0-0.6% (oracle 0.0-0.4%), accuracy 1.3-1.4 points below the oracle. Defense 370-417
 s, 30.4-30.6 epoch-equivalents per scenario (15-20 minutes each with the three retrainings); on 2026-12-07's slower
-machine the same 30.6 epoch-equivalents took 905-926 s, within the 20 minutes, and 2,070 s for `paper:100:3`, which
+machine the same 30.6-30.7 epoch-equivalents took 905-926 s, within the 20 minutes, and 2,070 s for `paper:100:3`, which
 shared the two cores with the test suite and a clean judge. 10 scenarios remain, `paper:100:5` next.
 
 The peers, added on 2026-12-06 for detection only (`--peers-detect-only`: their kept sets are not retrained), read
