@@ -221,8 +221,11 @@ def test_an_unlearned_attack_is_judged_against_a_judge_that_never_saw_a_poison()
     sys.path.insert(0, str(ROOT / "docs"))
     import make_results
 
-    below = {"learned": "0", "ispl": "60.0% / 5.20%", "clean_judge_5pct": "80.0%"}
-    above = {"learned": "0", "ispl": "90.0% / 5.10%", "clean_judge_5pct": "85.0%"}
+    below = {"learned": "0", "ispl": "60.0% / 4.80%", "clean_judge_5pct": "80.0%"}
+    above = {"learned": "0", "ispl": "90.0% / 5.00%", "clean_judge_5pct": "85.0%"}
+    # More recall, but bought with more than the judge's 5% of the clean images: not at its budget.
+    over_budget = {"learned": "0", "ispl": "96.0% / 5.78%", "clean_judge_5pct": "93.6%"}
     learned = {"learned": "1", "ispl": "99.0% / 5.00%", "clean_judge_5pct": ""}
-    summary = make_results.bench_summary([below, above, learned])
-    assert "attacks not learned: ISPL+B's recall at least the clean judge's at 5% in 1 of 2" in summary
+    summary = make_results.bench_summary([below, above, over_budget, learned])
+    assert "attacks not learned: ISPL+B's recall at least the clean judge's at 5% (at most 5% clean removed) in " \
+           "1 of 3" in summary

@@ -107,7 +107,7 @@ def main() -> None:
                   f"{c1:.1%} {c5:.1%} {c10:.1%}", flush=True)
             saved[name] = p.astype(np.float32)
             if args.csv:
-                write_header = not args.csv.exists()
+                write_header = not args.csv.exists() or args.csv.stat().st_size == 0
                 with open(args.csv, "a", newline="", encoding="utf-8") as fh:
                     out = csv.writer(fh)
                     if write_header:
