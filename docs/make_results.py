@@ -290,8 +290,10 @@ points below the oracle, defense 1,467 s while two clean judges shared the cores
 (truck → bird, not learned) shows the trigger stage's false alarm: it marked 811 clean automobiles (16% of the class,
 no poison among them; the class's split stood at 1.30 times the median class's, exactly the 1.3 threshold), the
 verdict at 0.95 removed 720 of them, and the retrained model lost 4.09 points against the oracle (74.98% against
-79.07%), the grid's worst; the mask took 95.2% of the poisons at 6.88% clean (86.0% at 5%, the clean judge 94.4%),
-TMR 0.0% as the oracle's; defense 934 s alone, 30.4 epoch-equivalents. 8 scenarios remain, `paper:100:9` next.
+79.07%), the grid's worst (the judges, which never trained on a flagged image, called 48% of them automobiles and 38%
+trucks, the attack's source class: without them the automobile/truck boundary moved); the mask took 95.2% of the
+poisons at 6.88% clean (86.0% at 5%, the clean judge 94.4%), TMR 0.0% as the oracle's; defense 934 s alone, 30.4
+epoch-equivalents. 8 scenarios remain, `paper:100:9` next.
 
 The peers, added on 2026-12-06 for detection only (`--peers-detect-only`: their kept sets are not retrained), read
 the features of a second training of the undefended model (the benchmark keeps no model): its TMR and accuracy were
