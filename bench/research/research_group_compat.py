@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--others", type=int, default=500, help="samples of each other class in both trainings")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--classes", default="", help="only these classes' groups (comma list; default all)")
+    ap.add_argument("--marked-only", action="store_true", help="only the groups the stage marks")
     args = ap.parse_args()
     cfg = load_params(ROOT / "params.yaml", profile="cpu_trigger").defense
     given = {k: Path(v) for k, v in (t.split("=", 1) for t in args.trigger)}
@@ -101,7 +102,7 @@ def main() -> None:
               f"{int(mask.sum())} poisons)", flush=True)
         rng = np.random.default_rng(derive_seed(cfg.seed, 71))
         for k, (c, how, group, relative) in enumerate(candidates):
-            if only and c not in only:
+            if (only and c not in only) or (args.marked_only and relative is None):
                 continue
             t0 = time.monotonic()
             rows = np.flatnonzero(labels == c)
