@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import platform
 import sys
@@ -38,10 +39,11 @@ from incompat.attacks import Scenario, Trigger, parse_scenario_spec, poison, tri
 from incompat.baselines import activation_clustering, spectral_signatures, spectre  # noqa: E402
 from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.data import read_dataset  # noqa: E402
-from incompat.evaluation import train_and_evaluate  # noqa: E402
+from incompat.evaluation import evaluate, train_and_evaluate  # noqa: E402
 from incompat.ispl import run_defense  # noqa: E402
 from incompat.metrics import attack_neutralised, detection_confusion  # noqa: E402
 from incompat.readers import ingest, subsample_stratified  # noqa: E402
+from incompat.steps import load_model, save_model  # noqa: E402
 from incompat.training import TensorData, cpu_has_native_bf16, extract_features, resolve_device  # noqa: E402
 
 # Four GTSRB scenarios across sign types, one per trigger kind plus a second pattern, rates 5-20% of the source.
@@ -111,13 +113,15 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=Path, default=None,
                     help="keep ISPL+B's checkpoints here (one folder per dataset, scenario and profile): a stopped "
                          "benchmark resumes its defense, and a rerun with other refinement or vote parameters "
-                         "reuses the weak learners; the folder also gets each scenario's keep-mask and scores")
+                         "reuses the weak learners; the folder also gets each scenario's keep-mask and scores, "
+                         "and the undefended model, which a resumed run reads instead of training it again")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for every training and inference (1 on a shared machine)")
     ap.add_argument("--detect-only", action="store_true",
                     help="measure what each defense removes, without retraining on its kept set (ASR and accuracy "
                          "after stay empty): about a third of the time per scenario, for detection over many "
-                         "scenarios; the none model is still trained, for the baselines' features")
+                         "scenarios; the none model is still trained (or, with --checkpoints and --resume, read "
+                         "back), for the baselines' features")
     ap.add_argument("--peers-detect-only", action="store_true",
                     help="measure what the peers (spectral, ac, spectre) remove without retraining on their kept sets: "
                          "issue 23 compares them on detection, and each retraining costs as much as the whole peer")
@@ -215,7 +219,8 @@ def main() -> None:
             scenario_dir = (args.checkpoints / f"{args.dataset}-{args.subset or 'full'}" / scenario.name
                             if args.checkpoints else None)
             if any(m in methods for m in ("none", "spectral", "ac", "spectre")):
-                before, secs = retrain(None, skip=False)  # the baselines read its features
+                before, secs = undefended(train, test, test_trig, scenario, train_cfg, scenario_dir,
+                                          reuse=recorded("none") is not None, train_model=lambda: retrain(None, False))
                 record("none", nothing, before, secs)
             if "oracle" in methods:
                 prior = recorded("oracle")
@@ -262,6 +267,34 @@ def main() -> None:
                     np.savez(scenario_dir / "baselines.npz", poison=poison_mask, labels=train.labels,
                              **{f"removed_{m}": mask for m, mask in removed_by.items()})
     print_summary(rows)
+
+
+def undefended(train, test, test_trig, scenario: Scenario, train_cfg, scenario_dir: Path | None, reuse: bool,
+               train_model):
+    """The model trained on everything (the `none` row; the baselines read its features) and its training seconds.
+
+    With a checkpoint folder the model is kept there, named by the training data and settings; when its row is
+    already in the CSV (`reuse`, a resumed run) it is read back and evaluated, so the peers read the model the
+    table measured (two trainings differ by up to a point) and a resumed scenario does not train it again."""
+    path = None
+    if scenario_dir is not None:
+        key = hashlib.sha256(f"{train.dataset_digest()}\n{json.dumps(dataclasses.asdict(train_cfg), default=str)}"
+                             .encode()).hexdigest()[:16]
+        path = scenario_dir / f"none-{key}.pt"
+    if reuse and path is not None and path.exists():
+        model, state = load_model(path)
+        data = TensorData(train.images, train.labels, mean=state["mean"], std=state["std"],
+                          num_classes=train.n_classes)
+        model = model.to(data.device).to(memory_format=torch.channels_last)
+        print(f"# {scenario.name} none: model read back from {path}", flush=True)
+        return evaluate(model, data, test, test_trig, scenario.target, len(train)), None
+    ev, seconds = train_model()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = TensorData(train.images, train.labels, num_classes=train.n_classes)  # the statistics it trained with
+        save_model(ev.model, path, train_cfg.for_classes(train.class_names), train.n_classes, data.image_shape[0],
+                   data.mean, data.std)
+    return ev, seconds
 
 
 def _figure(value, spec: str = "6.2f") -> str:

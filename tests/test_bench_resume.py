@@ -30,7 +30,7 @@ def _rows(tmp_path):
         return list(csv.DictReader(fh))
 
 
-def test_resume_adds_only_the_missing_methods(tmp_path):
+def _setup(tmp_path):
     (tmp_path / "cache").mkdir()
     write_dataset(make_imageset(n_per_class=20, n_classes=10, size=32, prefix="train"),
                   tmp_path / "cache" / "cifar10-train.parquet")
@@ -40,6 +40,9 @@ def test_resume_adds_only_the_missing_methods(tmp_path):
               "defense": {"profile": "tiny"}, "defense_profiles": {"tiny": TINY_PROFILE}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
+
+def test_resume_adds_only_the_missing_methods(tmp_path):
+    _setup(tmp_path)
     _bench(tmp_path, "none,oracle")  # the run that "stopped" after two methods
     first = _rows(tmp_path)
     assert [r["method"] for r in first] == ["none", "oracle"]
@@ -65,3 +68,30 @@ def test_resume_adds_only_the_missing_methods(tmp_path):
     assert added[3]["tmr_after"] == added[3]["acc_after"] == added[3]["retrain_seconds"] == ""
     assert added[3]["tmr_before"] != ""  # the none model is trained again: the peers read its features
     assert f"{SCENARIO} none: already in" in out and "(this run: TMR" in out
+
+
+def test_resume_reads_back_the_undefended_model_it_kept(tmp_path):
+    # The peers of a resumed run read the model the table's `none` row measured, not a second training of it.
+    _setup(tmp_path)
+    ck = str(tmp_path / "ck")
+    _bench(tmp_path, "none,oracle", "--checkpoints", ck)
+    kept = list((tmp_path / "ck").rglob("none-*.pt"))
+    assert len(kept) == 1
+    none = _rows(tmp_path)[0]
+
+    out = _bench(tmp_path, "none,oracle,spectral", "--resume", "--peers-detect-only", "--checkpoints", ck)
+    assert "none: model read back from" in out
+    rows = _rows(tmp_path)
+    assert [r["method"] for r in rows] == ["none", "oracle", "spectral"]
+    # evaluated again, the read-back model gives exactly the recorded figures
+    assert rows[2]["tmr_before"] == none["tmr_after"] and rows[2]["acc_before"] == none["acc_after"]
+    assert f"(this run: TMR {float(none['tmr_after']):.2f}%, accuracy {float(none['acc_after']):.2f}%)" in out
+
+    # settings other than the kept model's: trained again, not read back
+    recorded = _rows(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = _bench(tmp_path, "none,oracle,spectral,ac", "--resume", "--peers-detect-only", "--checkpoints", ck)
+    assert "model read back" not in out and len(list((tmp_path / "ck").rglob("none-*.pt"))) == 2
+    assert _rows(tmp_path)[:3] == recorded
