@@ -338,13 +338,14 @@ each, the peers for detection only on the undefended model's features. SCENARIOS
 comma-separated, in the table's order: three attacks the earlier detection runs found learned, then the other
 pattern, blend and `ell` triggers, the `pixel` ones and the two retrained on 2026-12-05 last.""",
         "after": """\
-Started 2026-12-07; 1 of the 16 so far (about 2 hours per scenario while another benchmark shares the two cores).
-The 30→12 `pattern` 20% (learned: TMR 11.7% undefended) is neutralised: 86 of 90 poisons at 3.07% of the clean
-images, TMR 0.0% as the oracle's, accuracy 0.68 points below the oracle (92.94% against 93.62%), defense 2,236 s
-sharing the cores, 32.0 epoch-equivalents (over the 30 of the target). SPECTRE removed all 90 at 14.83% clean, so
-ISPL+B is not ahead by the table's rule; cut at SPECTRE's and AC's budgets its ranking also holds all 90
-(`bench/compare_detection.py CKPT/gtsrb-full`). Spectral signatures and AC found 3 and 0. 15 scenarios remain, the
-blend 32→13 next.""",
+Started 2026-12-07; 2 of the 16 so far. Both attacks are learned and both are neutralised (TMR 0.0%, as the
+oracle's), each at 0.68 points of accuracy below the oracle: the 30→12 `pattern` 20% (TMR 11.7% undefended) with
+86 of 90 poisons at 3.07% of the clean images, the 32→13 blend 10% (TMR 71.9%) with 21 of 24 at 2.34%. Defense
+791 s alone on this 2-core AVX2 machine (2,236 s for the first, while the CIFAR-10 grid shared the cores), 32.0-32.1
+epoch-equivalents (over the 30 of the target). SPECTRE removed every poison at 14.8-15.0% clean, so ISPL+B is not
+ahead by the table's rule (on the blend AC too: 22 of 24 at 9.38%); cut at each peer's budget its ranking holds
+100% at SPECTRE's and spectral's, and 100% and 95.8% at AC's (`bench/compare_detection.py CKPT/gtsrb-full`).
+14 scenarios remain, the `ell` 3→1 next.""",
     },
     {
         "title": "The trigger stage's verdict on its suspects (offline)",
