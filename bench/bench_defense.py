@@ -44,7 +44,7 @@ from incompat.ispl import run_defense  # noqa: E402
 from incompat.metrics import attack_neutralised, detection_confusion  # noqa: E402
 from incompat.readers import ingest, subsample_stratified  # noqa: E402
 from incompat.steps import load_model, save_model  # noqa: E402
-from incompat.training import TensorData, cpu_has_native_bf16, extract_features, resolve_device  # noqa: E402
+from incompat.training import TensorData, cpu_has_native_bf16, extract_features, fit, resolve_device  # noqa: E402
 
 # Four GTSRB scenarios across sign types, one per trigger kind plus a second pattern, rates 5-20% of the source.
 GTSRB_SCENARIOS = [
@@ -218,9 +218,10 @@ def main() -> None:
             nothing = np.zeros(len(train), dtype=bool)
             scenario_dir = (args.checkpoints / f"{args.dataset}-{args.subset or 'full'}" / scenario.name
                             if args.checkpoints else None)
+            digest = train.dataset_digest() if scenario_dir is not None else ""  # names what was trained on it
             if any(m in methods for m in ("none", "spectral", "ac", "spectre")):
-                before, secs = undefended(train, test, test_trig, scenario, train_cfg, scenario_dir,
-                                          reuse=recorded("none") is not None, train_model=lambda: retrain(None, False))
+                before, secs = undefended(train, test, test_trig, scenario, train_cfg, scenario_dir, digest,
+                                          reuse=recorded("none") is not None, progress=args.progress)
                 record("none", nothing, before, secs)
             if "oracle" in methods:
                 prior = recorded("oracle")
@@ -231,10 +232,8 @@ def main() -> None:
                     oracle_tmr = None if ev is None else round(100 * ev.targeted_misclassification, 2)
                     record("oracle", poison_mask, ev, secs)
             if "ispl" in methods and not recorded("ispl"):
-                ckdir, digest = None, ""
-                if scenario_dir is not None:
-                    ckdir = scenario_dir / args.profile
-                    digest = train.dataset_digest()  # learners of other data in that folder are discarded
+                # learners of other data (another digest) in that folder are discarded
+                ckdir = scenario_dir / args.profile if scenario_dir is not None else None
                 result = run_defense(train.images, train.labels, train.n_classes,
                                      params.defense.for_classes(train.class_names),
                                      checkpoint_dir=ckdir, progress=args.progress, fingerprint=digest)
@@ -269,31 +268,32 @@ def main() -> None:
     print_summary(rows)
 
 
-def undefended(train, test, test_trig, scenario: Scenario, train_cfg, scenario_dir: Path | None, reuse: bool,
-               train_model):
+def undefended(train, test, test_trig, scenario: Scenario, train_cfg, scenario_dir: Path | None, digest: str,
+               reuse: bool, progress: bool = False):
     """The model trained on everything (the `none` row; the baselines read its features) and its training seconds.
 
-    With a checkpoint folder the model is kept there, named by the training data and settings; when its row is
-    already in the CSV (`reuse`, a resumed run) it is read back and evaluated, so the peers read the model the
-    table measured (two trainings differ by up to a point) and a resumed scenario does not train it again."""
+    With a checkpoint folder the model is kept there, named by the training data's digest and the settings; when
+    its row is already in the CSV (`reuse`, a resumed run) it is read back and evaluated, so the peers read the
+    model the table measured and a resumed scenario does not train it again (seconds None)."""
     path = None
     if scenario_dir is not None:
-        key = hashlib.sha256(f"{train.dataset_digest()}\n{json.dumps(dataclasses.asdict(train_cfg), default=str)}"
-                             .encode()).hexdigest()[:16]
-        path = scenario_dir / f"none-{key}.pt"
-    if reuse and path is not None and path.exists():
-        model, state = load_model(path)
-        data = TensorData(train.images, train.labels, mean=state["mean"], std=state["std"],
-                          num_classes=train.n_classes)
+        key = hashlib.sha256(f"{digest}\n{json.dumps(dataclasses.asdict(train_cfg), default=str)}".encode())
+        path = scenario_dir / f"none-{key.hexdigest()[:16]}.pt"
+    t0 = time.monotonic()
+    data = TensorData(train.images, train.labels, num_classes=train.n_classes)
+    cfg = train_cfg.for_classes(train.class_names)
+    read_back = reuse and path is not None and path.exists()
+    if read_back:
+        model, _ = load_model(path)
         model = model.to(data.device).to(memory_format=torch.channels_last)
         print(f"# {scenario.name} none: model read back from {path}", flush=True)
-        return evaluate(model, data, test, test_trig, scenario.target, len(train)), None
-    ev, seconds = train_model()
-    if path is not None:
+    else:
+        model = fit(data, cfg, progress=progress)
+    ev = evaluate(model, data, test, test_trig, scenario.target, len(train))
+    seconds = None if read_back else time.monotonic() - t0  # as train_and_evaluate's: training and evaluation
+    if path is not None and not read_back:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = TensorData(train.images, train.labels, num_classes=train.n_classes)  # the statistics it trained with
-        save_model(ev.model, path, train_cfg.for_classes(train.class_names), train.n_classes, data.image_shape[0],
-                   data.mean, data.std)
+        save_model(model, path, cfg, train.n_classes, data.image_shape[0], data.mean, data.std)
     return ev, seconds
 
 
