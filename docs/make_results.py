@@ -298,7 +298,7 @@ matches the clean judge (89.8% both); its mask took 92.4% of the poisons at 5.64
 accuracy 1.06 points below the oracle (77.64% against 78.70%); defense 3,365 s, 30.5 epoch-equivalents, while a
 research run shared the two cores. The 7→4 `pixel` 10% (TMR 0.3% undefended) took 24.0% at 5.00% clean against the
 clean judge's 34.0%, TMR 0.8% (oracle 0.5%), accuracy 1.30 points below the oracle (its defense resumed from the
-checkpoints of a stopped run). 6 scenarios remain, `paper:100:13` next.
+checkpoints of a stopped run). 6 scenarios remain; `paper:100:13` is under way (its undefended row is in).
 
 The peers, added on 2026-12-06 for detection only (`--peers-detect-only`: their kept sets are not retrained), read
 the features of a second training of the undefended model (the benchmark keeps no model): its TMR and accuracy were
@@ -345,7 +345,7 @@ oracle's), each at 0.68 points of accuracy below the oracle: the 30→12 `patter
 epoch-equivalents (over the 30 of the target). SPECTRE removed every poison at 14.8-15.0% clean, so ISPL+B is not
 ahead by the table's rule (on the blend AC too: 22 of 24 at 9.38%); cut at each peer's budget its ranking holds
 100% at SPECTRE's and spectral's, and 100% and 95.8% at AC's (`bench/compare_detection.py CKPT/gtsrb-full`).
-14 scenarios remain, the `ell` 3→1 next.""",
+14 scenarios remain; the `ell` 3→1 is under way (its undefended row is in: TMR 74.7%).""",
     },
     {
         "title": "The trigger stage's verdict on its suspects (offline)",
