@@ -338,14 +338,17 @@ each, the peers for detection only on the undefended model's features. SCENARIOS
 comma-separated, in the table's order: three attacks the earlier detection runs found learned, then the other
 pattern, blend and `ell` triggers, the `pixel` ones and the two retrained on 2026-12-05 last.""",
         "after": """\
-Started 2026-12-07; 2 of the 16 so far. Both attacks are learned and both are neutralised (TMR 0.0%, as the
-oracle's), each at 0.68 points of accuracy below the oracle: the 30→12 `pattern` 20% (TMR 11.7% undefended) with
-86 of 90 poisons at 3.07% of the clean images, the 32→13 blend 10% (TMR 71.9%) with 21 of 24 at 2.34%. Defense
-791 s alone on this 2-core AVX2 machine (2,236 s for the first, while the CIFAR-10 grid shared the cores), 32.0-32.1
-epoch-equivalents (over the 30 of the target). SPECTRE removed every poison at 14.8-15.0% clean, so ISPL+B is not
-ahead by the table's rule (on the blend AC too: 22 of 24 at 9.38%); cut at each peer's budget its ranking holds
-100% at SPECTRE's and spectral's, and 100% and 95.8% at AC's (`bench/compare_detection.py CKPT/gtsrb-full`).
-14 scenarios remain; the `ell` 3→1 is under way (its undefended row is in: TMR 74.7%).""",
+Started 2026-12-07; 4 of the 16 so far, all four attacks learned and all neutralised: the 30→12 `pattern` 20% (TMR
+11.7% undefended) with 86 of 90 poisons at 3.07% of the clean images, the 32→13 blend 10% (TMR 71.9%) with 21 of 24
+at 2.34%, the `ell` 3→1 10% (TMR 74.7%) with 136 of 141 at 1.78% (TMR after 0.7%, the oracle's 0.0%) and the
+25→4 `pattern` 20% (TMR 96.0%) with 295 of 300 at 2.61% (TMR 0.0%). Accuracy 0.20-0.68 points below the oracle.
+Defense 791 s for the blend on a 2-core AVX2 machine (2,236 s for the first, while the CIFAR-10 grid shared the
+cores), 324-332 s on a 2-core AVX-512 machine (the other two), 32.0-32.1 epoch-equivalents (over the 30 of the
+target). ISPL+B is ahead of every peer on the `ell` 3→1 only (spectral 17.0%, SPECTRE 8.5%, AC 0% at 10-15% clean):
+SPECTRE removed every poison of the first two at 14.8-15.0% clean, AC 22 of 24 blend poisons at 9.38% and 299 of
+300 on 25→4 at 7.30%. Cut at each peer's budget ISPL+B's ranking holds 100% at SPECTRE's and spectral's in all
+four, and 95.8-100% at AC's (`bench/compare_detection.py CKPT/gtsrb-full`). 12 scenarios remain; the `pattern`
+41→13 20% is under way.""",
     },
     {
         "title": "The trigger stage's verdict on its suspects (offline)",
