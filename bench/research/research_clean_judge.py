@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "research"))
 
-from incompat.config import load_params  # noqa: E402
+from incompat.config import load_params, parse_overrides  # noqa: E402
 from incompat.ispl import cross_fit_keep, flagged_cells  # noqa: E402
 from incompat.training import TensorData, fit, predict_logits  # noqa: E402
 from research_ceiling import recall_at  # noqa: E402
@@ -62,9 +62,11 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None,
                     help="append one row per judge (scenario, accuracy, recall at 1/5/10%% clean) to this CSV")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", action="append", default=[],
+                    help="defense override key=value, as bench_defense.py's (e.g. the learners' flip_pairs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_params(args.params, profile=args.profile).defense
+    cfg = load_params(args.params, profile=args.profile, defense_overrides=parse_overrides(args.set)).defense
     rule = load_params(args.params, profile=args.cell_profile).defense
     train, poison, scenario = load(args.dataset, args.subset, args.scenario)
     labels = np.asarray(train.labels, dtype=np.int64)
