@@ -341,24 +341,25 @@ pattern, blend and `ell` triggers, the `pixel` ones and the two retrained on 202
 as in the CIFAR-10 grid, its model given GTSRB's four mirror-image sign pairs as `flip_pairs` (`--set
 'learner_train.flip_pairs=[[19,20],[33,34],[36,37],[38,39]]'`; the defense finds them itself).""",
         "after": """\
-Started 2026-12-07; 15 of the 16 so far. Learned (9): 7 neutralised. Missed: the `pixel` 7→8 10% (speed limit 100 →
-120): 7 of its 144 poisons at 4.27% clean, TMR 92.8% → 95.5% (oracle 0.0%), where AC removed 135 at 9.13% and spectral
-signatures 133 at 14.74% (ISPL+B's ranking holds 77.8% and 81.2% at their budgets, 13.2% at 5%); and the blend 23→25
-10%: 23 of 51 at 2.10%, TMR 27.4% → 8.4%. Neutralised: 30→12 `pattern` 20% 86 of 90 at 3.07%, 32→13 blend 10% 21 of 24
-at 2.34%, `ell` 3→1 10% 136 of 141 at 1.78% (TMR 0.7%), 25→4 `pattern` 20% 295 of 300 at 2.61%, 41→13 `pattern` 20% 35
-of 48 at 3.63% (TMR 19.2% → 0.0%: with 13 poisons left the model no longer learns it), `pixel` 10→35 20% 402 of 402 at
-3.39%, `pattern` 14→4 10% (`make run`'s) 77 of 78 at 1.99%. Not learned (6): the `ell` 41→7 10% and 38→10 5% and the
-`pixel` 11→40 and 15→12 5% every poison at 3.42%, 2.37%, 2.61% and 2.81% clean, as the clean judge (98.5-100% at 1%);
-the `pixel` 30→8 5% 20 of 22 at 3.08% (the clean judge 22 at 1%; ISPL+B's ranking has all 22 at 5%); the `ell` 33→42
-20% (TMR 2.1%) 129 of 137 at 2.36% (the clean judge 99.3% at 1%, ISPL+B's ranking 94.2% at 5%). Accuracy 0.20-0.76
-points below the oracle in eleven, 0.40 above it on 33→42, 1.17 below on 41→13, 1.22 on 30→8 and 1.30 on 7→8. Defense
-791 s for the blend 32→13 on a 2-core AVX2 machine (2,236 s for the first, while the CIFAR-10 grid shared the cores),
-324-659 s on a 2-core AVX-512 machine (twelve, four beside clean-judge runs; 1,152 s for 15→12 beside research runs),
-31.9-32.1 epoch-equivalents (over the 30 of the target). ISPL+B is ahead of every peer in 7 of 15 (3→1, 10→35 and the
-unlearned 41→7, 38→10, 11→40, 15→12, 33→42): SPECTRE removed every poison of nine at 14.8-15.0% clean, AC 22 of 24
-blend poisons at 9.38% and 299 of 300 on 25→4 at 7.30%. Cut at each peer's budget ISPL+B's ranking holds at least the
-peer's recall in all but four comparisons: SPECTRE's on 23→25 and 41→13 (98.0% and 91.7% against 100%) and AC's and
-spectral's on 7→8 (`bench/compare_detection.py CKPT/gtsrb-full`).""",
+Run 2026-12-07, all 16. Learned (10): 8 neutralised. Missed: the `pixel` 7→8 10% (speed limit 100 → 120): 7 of its 144
+poisons at 4.27% clean, TMR 92.8% → 95.5% (oracle 0.0%), where AC removed 135 at 9.13% and spectral signatures 133 at
+14.74% (ISPL+B's ranking holds 77.8% and 81.2% at their budgets, 13.2% at 5%); and the blend 23→25 10%: 23 of 51 at
+2.10%, TMR 27.4% → 8.4%. Neutralised: 30→12 `pattern` 20% 86 of 90 at 3.07%, 32→13 blend 10% 21 of 24 at 2.34%, `ell`
+3→1 10% 136 of 141 at 1.78% (TMR 0.7%), 25→4 `pattern` 20% 295 of 300 at 2.61%, 41→13 `pattern` 20% 35 of 48 at 3.63%
+(TMR 19.2% → 0.0%: with 13 poisons left the model no longer learns it), `pixel` 10→35 20% 402 of 402 at 3.39%,
+`pattern` 14→4 10% (`make run`'s) 77 of 78 at 1.99%, `patch` 30→2 5% 22 of 22 at 3.26% (TMR 67.4% → 0.0%). Not learned
+(6): the `ell` 41→7 10% and 38→10 5% and the `pixel` 11→40 and 15→12 5% every poison at 3.42%, 2.37%, 2.61% and 2.81%
+clean, as the clean judge (98.5-100% at 1%); the `pixel` 30→8 5% 20 of 22 at 3.08% (the clean judge 22 at 1%; ISPL+B's
+ranking has all 22 at 5%); the `ell` 33→42 20% (TMR 2.1%) 129 of 137 at 2.36% (the clean judge 99.3% at 1%, ISPL+B's
+ranking 94.2% at 5%). Accuracy 0.20-0.76 points below the oracle in eleven, 0.40 above it on 33→42, 1.17 below on
+41→13, 1.22 on 30→8, 1.28 on 30→2 and 1.30 on 7→8. Defense 791 s for the blend 32→13 on a 2-core AVX2 machine (2,236 s
+for the first, while the CIFAR-10 grid shared the cores), 324-659 s on a 2-core AVX-512 machine (thirteen; four beside
+clean-judge runs, three beside research runs, 1,152 s for 15→12 beside more of them), 31.9-32.1 epoch-equivalents
+(over the 30 of the target). ISPL+B is ahead of every peer in 8 of 16 (3→1, 10→35, 30→2 and the unlearned 41→7, 38→10,
+11→40, 15→12, 33→42): SPECTRE removed every poison of nine at 14.8-15.0% clean, AC 22 of 24 blend poisons at 9.38% and
+299 of 300 on 25→4 at 7.30%. Cut at each peer's budget ISPL+B's ranking holds at least the peer's recall in all but
+four comparisons: SPECTRE's on 23→25 and 41→13 (98.0% and 91.7% against 100%) and AC's and spectral's on 7→8
+(`bench/compare_detection.py CKPT/gtsrb-full`).""",
     },
     {
         "title": "The trigger stage's verdict on its suspects (offline)",
