@@ -305,8 +305,8 @@ against the clean judge's 97.2%; TMR 0.0% as the oracle's, accuracy 1.16 points 
 `pixel` 10% (truck → bird, TMR 0.0% undefended; the trigger stage marked nothing, unlike on its 5% twin) took 92.6% at
 5.45% clean, its ranking 90.0% at 5% against the clean judge's 94.6%; TMR 0.0% (oracle 0.1%), accuracy 1.18 points
 below the oracle (77.65% against 78.83%); defense 392 s, 30.5 epoch-equivalents. The 1→3 `pixel` 20% (automobile →
-cat, TMR 0.1% undefended) is the first unlearned attack whose poisons the trigger stage marked: 1,037 suspects, 904 of the
-1,000 poisons; the mask took 94.8% at 5.51% clean (AC 95.7% at 10.51%), its ranking 87.7% at 5% against the clean
+cat, TMR 0.1% undefended) is the first unlearned attack whose poisons the trigger stage marked: 1,037 suspects, 904 of
+the 1,000 poisons; the mask took 94.8% at 5.51% clean (AC 95.7% at 10.51%), its ranking 87.7% at 5% against the clean
 judge's 89.3%; TMR 0.0% as the oracle's, accuracy 2.50 points below the oracle (76.57% against 79.07%), the grid's
 second worst; defense 429 s, 30.4 epoch-equivalents. 3 scenarios remain (19, 21, 22).
 
