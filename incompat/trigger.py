@@ -148,6 +148,19 @@ def mirror_pairs(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                  if share[a, b] >= min_share and share[b, a] >= min_share)
 
 
+def feature_tests(features: np.ndarray, labels: np.ndarray, n_classes: int, max_share: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What split_suspects reads from a model's features: the SPECTRE scores within each class, and each class's
+    smaller cluster and silhouette (class_clusters)."""
+    # At least 20 samples per whitened dimension: with fewer (GTSRB's smallest classes, tiny tests), the trimmed
+    # covariance is near-singular and a few clean samples score millions of times the rest. The robust estimate
+    # trims more than a suspect group may hold (SPECTRE's default trims 15%; the paper's 20% of a source class
+    # is 17% of its target class, and a group that large enters the estimate and hides).
+    scores = spectre(features, labels, n_classes, epsilon=(max_share + 0.05) / 1.5, rows_per_dim=20).scores
+    minor, silhouette = class_clusters(features, labels, n_classes, seed=seed)
+    return scores, minor, silhouette
+
+
 def run_trigger_stage(data: TensorData, images: np.ndarray, labels: np.ndarray, n_classes: int,
                       train_cfg: TrainConfig, epochs: int, max_share: float, detect_mirrors: bool,
                       mirror_share: float, meter: ComputeMeter, seed: int) -> TriggerStage:
@@ -155,13 +168,8 @@ def run_trigger_stage(data: TensorData, images: np.ndarray, labels: np.ndarray, 
     caller draws them with split_suspects, whose settings act after this model (a checkpoint keeps only these)."""
     cfg = dataclasses.replace(train_cfg, epochs=epochs, flip=False, flip_pairs=(), seed=seed)
     model = fit(data, cfg, meter=meter, progress=False)
-    features = extract_features(model, data, meter=meter)
-    # At least 20 samples per whitened dimension: with fewer (GTSRB's smallest classes, tiny tests), the trimmed
-    # covariance is near-singular and a few clean samples score millions of times the rest. The robust estimate
-    # trims more than a suspect group may hold (SPECTRE's default trims 15%; the paper's 20% of a source class
-    # is 17% of its target class, and a group that large enters the estimate and hides).
-    scores = spectre(features, labels, n_classes, epsilon=(max_share + 0.05) / 1.5, rows_per_dim=20).scores
-    minor, silhouette = class_clusters(features, labels, n_classes, seed=seed)
+    scores, minor, silhouette = feature_tests(extract_features(model, data, meter=meter), labels, n_classes,
+                                              max_share, seed)
     pairs = (mirror_pairs(model, images, labels, n_classes, data, meter, mirror_share, seed=seed)
              if detect_mirrors else ())
     return TriggerStage(np.zeros(len(labels), dtype=bool), scores, pairs, [], minor, silhouette)

@@ -23,11 +23,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_defense import load_split, scenario_list  # noqa: E402
 from incompat.attacks import poison  # noqa: E402
-from incompat.baselines import spectre  # noqa: E402
 from incompat.config import load_params  # noqa: E402
 from incompat.steps import load_model  # noqa: E402
 from incompat.training import TensorData, TrainConfig, extract_features, fit  # noqa: E402
-from incompat.trigger import class_clusters, split_suspects  # noqa: E402
+from incompat.trigger import feature_tests, split_suspects  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("dataset")
@@ -64,11 +63,9 @@ for scenario in scenario_list(args.scenarios):
         recipe = TrainConfig() if args.model == "final" else cfg.learner_train
         model = fit(data, dataclasses.replace(recipe, epochs=cfg.trigger_epochs, flip=False, flip_pairs=(),
                                               seed=args.seed, threads=1), progress=False)
-    features = extract_features(model, data)
-    scores = spectre(features, labels, n_classes, epsilon=(cfg.trigger_max_share + 0.05) / 1.5,
-                     rows_per_dim=20).scores  # as incompat.trigger.run_trigger_stage
-    found.append((args.model, *draw(scores, *class_clusters(features, labels, n_classes, seed=0), labels,
-                                    n_classes)))
+    # seed 0 for the clusters' ICA and silhouette sample (the figures in docs/results.md were drawn with it)
+    tests = feature_tests(extract_features(model, data), labels, n_classes, cfg.trigger_max_share, seed=0)
+    found.append((args.model, *draw(*tests, labels, n_classes)))
     for name, suspects, groups in found:
         marked = " ".join(f"{g['label']}:{g['size']}{g['found_by'][0]}" for g in groups)
         print(f"{scenario.name},{name},{suspects.sum()},{(suspects & poisoned).sum()},{poisoned.sum()},"

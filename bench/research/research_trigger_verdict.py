@@ -38,16 +38,16 @@ for folder in sorted(p / args.profile for p in args.root.iterdir() if (p / args.
         continue
     r, z = np.load(folder / "result.npz"), np.load(folder / "trigger.npz")
     labels, poison, keep, judged = r["labels"], r["poison"], r["keep"], r["correct"]
-    suspects, groups = split_suspects(z["scores"], labels, int(labels.max()) + 1, cfg.trigger_max_share,
-                                      cfg.trigger_separation, cfg.trigger_min_size, z["minor"].astype(bool),
-                                      z["silhouette"], cfg.trigger_cluster)
+    n_classes, scores, minor = int(labels.max()) + 1, z["scores"], z["minor"].astype(bool)  # an npz reads per access
+    suspects, groups = split_suspects(scores, labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
+                                      cfg.trigger_min_size, minor, z["silhouette"], cfg.trigger_cluster)
     if args.groups:
         for g in groups:
             rows = np.flatnonzero(labels == g["label"])
             if g["found_by"] == "scores":  # split_suspects' top group: the class's `size` highest scores
-                rows = rows[np.argsort(-z["scores"][rows], kind="stable")][:g["size"]]
+                rows = rows[np.argsort(-scores[rows], kind="stable")][:g["size"]]
             else:
-                rows = rows[z["minor"].astype(bool)[rows]]
+                rows = rows[minor[rows]]
             print(f"{folder.parent.name},{g['label']},{g['found_by']},{len(rows)},{poison[rows].sum()},"
                   f"{np.median(judged[rows]):.3f}")
         continue
@@ -59,6 +59,6 @@ for folder in sorted(p / args.profile for p in args.root.iterdir() if (p / args.
               f"{100 * removed[poison].mean():.1f},{100 * removed[~poison].mean():.2f}")
     if (folder / "refinement.pt").exists():
         probs = torch.load(folder / "refinement.pt", weights_only=False)["probs"].numpy()
-        removed = ~cross_fit_keep(probs, labels, int(labels.max()) + 1, cfg)
+        removed = ~cross_fit_keep(probs, labels, n_classes, cfg)
         print(f"{folder.parent.name},none,{suspects.sum()},{(suspects & poison).sum()},{poison.sum()},"
               f"{100 * removed[poison].mean():.1f},{100 * removed[~poison].mean():.2f}")
