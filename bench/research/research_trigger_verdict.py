@@ -58,7 +58,7 @@ for folder in sorted(p / args.profile for p in args.root.iterdir() if (p / args.
         print(f"{folder.parent.name},{th},{suspects.sum()},{(suspects & poison).sum()},{poison.sum()},"
               f"{100 * removed[poison].mean():.1f},{100 * removed[~poison].mean():.2f}")
     if (folder / "refinement.pt").exists():
-        probs = torch.load(folder / "refinement.pt", weights_only=False)["probs"].numpy()
+        probs = torch.load(folder / "refinement.pt", weights_only=True)["probs"].numpy()
         removed = ~cross_fit_keep(probs, labels, n_classes, cfg)
         print(f"{folder.parent.name},none,{suspects.sum()},{(suspects & poison).sum()},{poison.sum()},"
               f"{100 * removed[poison].mean():.1f},{100 * removed[~poison].mean():.2f}")
