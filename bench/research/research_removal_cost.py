@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_defense import load_split, scenario_list  # noqa: E402
 from incompat.attacks import poison, triggered_test  # noqa: E402
 from incompat.config import load_params  # noqa: E402
-from incompat.ispl import cross_fit_keep  # noqa: E402
-from incompat.trigger import split_suspects  # noqa: E402
 from incompat.evaluation import train_and_evaluate  # noqa: E402
+from incompat.ispl import cross_fit_keep  # noqa: E402
 from incompat.training import ComputeMeter  # noqa: E402
+from incompat.trigger import split_suspects  # noqa: E402
 
 
 def stage_costs(folder: Path, n: int) -> str:
@@ -138,8 +138,8 @@ def main() -> None:
     print(f"{'arm':14} {'seed':>4} {'poisons in':>10} {'clean out':>9} {'acc':>6} {'TMR':>6} {'seconds':>7}")
     writer = None
     if args.csv:
-        new = not args.csv.exists()
-        fh = open(args.csv, "a", newline="")
+        new = not args.csv.exists() or args.csv.stat().st_size == 0
+        fh = open(args.csv, "a", newline="")  # closed at exit; each row is flushed as it is written
         writer = csv.writer(fh)
         if new:
             writer.writerow(["scenario", "arm", "seed", "poisons_in", "clean_out", "acc", "tmr", "seconds"])
