@@ -43,7 +43,7 @@ from incompat.attacks import poison, triggered_test  # noqa: E402
 from incompat.config import load_params  # noqa: E402
 from incompat.evaluation import train_and_evaluate  # noqa: E402
 from incompat.ispl import cross_fit_keep  # noqa: E402
-from incompat.training import ComputeMeter  # noqa: E402
+from incompat.training import ComputeMeter, TensorData, predict  # noqa: E402
 from incompat.trigger import split_suspects  # noqa: E402
 
 
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--thresholds", default="", help="refinement_threshold values to recompute the keep rule at")
     ap.add_argument("--csv", type=Path, default=None, help="append one row per (arm, seed)")
+    ap.add_argument("--per-class", action="store_true", help="also print each arm's test accuracy per class")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     params = load_params(args.params, profile=args.profile)
@@ -135,6 +136,8 @@ def main() -> None:
     if args.thresholds:
         masks.update(threshold_curve(args.checkpoint / args.profile, np.asarray(train.labels), poison_mask, keep,
                                      params.defense, [float(v) for v in args.thresholds.split(",")]))
+    stats = TensorData(train.images, train.labels, num_classes=train.n_classes)  # the statistics evaluate() uses
+    test_data = TensorData(test.images, test.labels, mean=stats.mean, std=stats.std, num_classes=train.n_classes)
     print(f"{'arm':14} {'seed':>4} {'poisons in':>10} {'clean out':>9} {'acc':>6} {'TMR':>6} {'seconds':>7}")
     writer = None
     if args.csv:
@@ -154,6 +157,11 @@ def main() -> None:
                    round(time.monotonic() - t0, 1)]
             print(f"{arm:14} {seed:>4} {row[3]:>10} {row[4]:>9} {row[5]:>6.2f} {row[6]:>6.2f} {row[7]:>7.1f}",
                   flush=True)
+            if args.per_class:
+                right = predict(ev.model, test_data) == np.asarray(test.labels)
+                per_class = np.bincount(test.labels, weights=right, minlength=train.n_classes) / np.bincount(
+                    test.labels, minlength=train.n_classes)
+                print(f"# {arm} seed {seed} accuracy per class: " + " ".join(f"{100 * a:.1f}" for a in per_class))
             if writer:
                 writer.writerow(row)
                 fh.flush()
