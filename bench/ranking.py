@@ -17,6 +17,13 @@ if str(ROOT) not in sys.path:
 from incompat.ispl import LearnerRecord  # noqa: E402
 
 
+def _depth(clean_seen: np.ndarray, n_clean: int, fraction: float) -> int:
+    """How many of the ranked samples the deepest cut with at most `fraction` of the clean images removed takes."""
+    # Counted in images, not fractions: a baseline's budget of k/n_clean must allow exactly k clean images.
+    budget = int(np.floor(fraction * n_clean + 1e-9))
+    return int(np.searchsorted(clean_seen, budget, side="right"))
+
+
 def recall_at(score: np.ndarray, poison: np.ndarray, clean_fractions=(0.01, 0.05, 0.10)) -> list[float]:
     """Poison recall of the ranking cut as deep as it goes with at most each fraction of the clean images removed."""
     order = np.argsort(-score, kind="stable")
@@ -25,11 +32,17 @@ def recall_at(score: np.ndarray, poison: np.ndarray, clean_fractions=(0.01, 0.05
     n_clean = int((~poison).sum())
     recalls = []
     for fraction in clean_fractions:
-        # Counted in images, not fractions: a baseline's budget of k/n_clean must allow exactly k clean images.
-        budget = int(np.floor(fraction * n_clean + 1e-9))
-        last = int(np.searchsorted(clean_seen, budget, side="right")) - 1  # the deepest cut within the budget
+        last = _depth(clean_seen, n_clean, fraction) - 1
         recalls.append(float(caught[last]) if last >= 0 else 0.0)
     return recalls
+
+
+def removed_at(score: np.ndarray, poison: np.ndarray, fraction: float) -> np.ndarray:
+    """The removed mask of the same cut as recall_at's, at one clean fraction."""
+    order = np.argsort(-score, kind="stable")
+    removed = np.zeros(len(score), dtype=bool)
+    removed[order[:_depth(np.cumsum(~poison[order]), int((~poison).sum()), fraction)]] = True
+    return removed
 
 
 def load_learners(folder: Path) -> list[LearnerRecord]:

@@ -450,6 +450,13 @@ def _fit_with_retries(data: TensorData, train_cfg: TrainConfig, indices: np.ndar
     raise AssertionError("unreachable")
 
 
+def draw_suspects(scores: np.ndarray, minor: np.ndarray, silhouette: np.ndarray, labels: np.ndarray, n_classes: int,
+                  cfg: DefenseConfig) -> tuple[np.ndarray, list[dict]]:
+    """The trigger stage's suspects and marked groups under cfg's split settings, from what the stage measured."""
+    return split_suspects(scores, labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
+                          cfg.trigger_min_size, minor, silhouette, cfg.trigger_cluster)
+
+
 def weak_learner(data: TensorData, labels: np.ndarray, n_classes: int, active: np.ndarray, data_perc: float,
                  cfg: DefenseConfig, seed: int, meter: ComputeMeter, observe: RoundObserver | None = None,
                  progress=False, name: str = "learner") -> tuple[np.ndarray, torch.nn.Module, list[dict], int]:
@@ -530,9 +537,7 @@ def run_defense(images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: Def
                                       derive_seed(cfg.seed, 5))
             ckpt.save_trigger(stage, dataclasses.replace(stamp()))
         # Drawn from what the stage measured on every run: other split settings reuse the stage's model.
-        marked, groups = split_suspects(stage.scores, labels, n_classes, cfg.trigger_max_share,
-                                        cfg.trigger_separation, cfg.trigger_min_size, stage.minor,
-                                        stage.silhouette, cfg.trigger_cluster)
+        marked, groups = draw_suspects(stage.scores, stage.minor, stage.silhouette, labels, n_classes, cfg)
         stage = dataclasses.replace(stage, suspects=marked, groups=groups)
         suspects = stage.suspects
         if observe:

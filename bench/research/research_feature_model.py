@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_defense import load_split, scenario_list  # noqa: E402
 from incompat.attacks import poison  # noqa: E402
 from incompat.config import load_params  # noqa: E402
+from incompat.ispl import draw_suspects  # noqa: E402
 from incompat.steps import load_model  # noqa: E402
 from incompat.training import TensorData, TrainConfig, extract_features, fit  # noqa: E402
-from incompat.trigger import feature_tests, split_suspects  # noqa: E402
+from incompat.trigger import feature_tests  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("dataset")
@@ -42,8 +43,7 @@ base = load_split(args.dataset, "train", ROOT / "bench" / "results" / "cache")
 
 
 def draw(scores, minor, silhouette, labels, n_classes):
-    return split_suspects(scores, labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
-                          cfg.trigger_min_size, minor, silhouette, cfg.trigger_cluster)
+    return draw_suspects(scores, minor, silhouette, labels, n_classes, cfg)
 
 
 print("scenario,model,suspects,poisons_among,poison_total,clean_suspects,groups")

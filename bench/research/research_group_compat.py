@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_defense import load_split, scenario_list  # noqa: E402
 from incompat.attacks import poison  # noqa: E402
 from incompat.config import load_params  # noqa: E402
-from incompat.ispl import derive_seed  # noqa: E402
+from incompat.ispl import derive_seed, draw_suspects  # noqa: E402
 from incompat.training import ComputeMeter, TensorData, fit, predict_logits  # noqa: E402
-from incompat.trigger import run_trigger_stage, split_suspects, top_group  # noqa: E402
+from incompat.trigger import run_trigger_stage, top_group  # noqa: E402
 
 
 def stage_for(scenario, data, images, labels, n_classes, cfg, cache: Path, given: dict[str, Path]):
@@ -52,8 +52,7 @@ def stage_for(scenario, data, images, labels, n_classes, cfg, cache: Path, given
 
 
 def candidate_groups(scores, minor, silhouette, labels, n_classes, cfg):
-    marked, groups = split_suspects(scores, labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
-                                    cfg.trigger_min_size, minor, silhouette, cfg.trigger_cluster)
+    marked, groups = draw_suspects(scores, minor, silhouette, labels, n_classes, cfg)
     candidates = []
     for c in range(n_classes):
         rows = np.flatnonzero(labels == c)

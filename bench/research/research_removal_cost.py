@@ -39,20 +39,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_defense import load_split, scenario_list  # noqa: E402
+from ranking import removed_at  # noqa: E402
 from incompat.attacks import poison, triggered_test  # noqa: E402
 from incompat.config import load_params  # noqa: E402
 from incompat.evaluation import train_and_evaluate  # noqa: E402
-from incompat.ispl import cross_fit_keep  # noqa: E402
+from incompat.ispl import cross_fit_keep, draw_suspects  # noqa: E402
 from incompat.training import ComputeMeter, TensorData, predict  # noqa: E402
-from incompat.trigger import split_suspects  # noqa: E402
 
 
-def stage_costs(folder: Path, n: int) -> str:
+def stage_costs(folder: Path, refinement: dict, n: int) -> str:
     """Epoch-equivalents per stage: each checkpoint's meter is the running total when that stage ended."""
     totals = [("trigger stage", json.loads((folder / "trigger.json").read_text())["meter"])]
     totals += [("weak learner", json.loads(f.read_text())["meter"]) for f in sorted(folder.glob("learner-*.json"))]
-    state = torch.load(folder / "refinement.pt", weights_only=True)
-    totals.append(("refinement", json.loads(state["meter"])))
+    totals.append(("refinement", json.loads(refinement["meter"])))
     parts, before = [], 0.0
     for name, meter in totals:
         total = ComputeMeter(**meter).epoch_equivalents(n)
@@ -61,26 +60,13 @@ def stage_costs(folder: Path, n: int) -> str:
     return f"# defense cost by stage (epoch-equivalents): {', '.join(parts)}; total {before:.2f}"
 
 
-def cut(suspicion: np.ndarray, clean: np.ndarray, fraction: float) -> np.ndarray:
-    """The removed mask of the ranking cut where it holds round(fraction * clean) clean images."""
-    order = np.argsort(-suspicion, kind="stable")
-    budget = int(round(fraction * clean.sum()))
-    clean_seen = np.cumsum(clean[order])
-    stop = int(np.searchsorted(clean_seen, budget, side="right"))  # every sample before the budget+1-th clean one
-    removed = np.zeros(len(suspicion), dtype=bool)
-    removed[order[:stop]] = True
-    return removed
-
-
-def threshold_curve(folder: Path, labels: np.ndarray, poison_mask: np.ndarray, keep: np.ndarray, cfg,
-                    thresholds: list[float]) -> dict[str, np.ndarray]:
+def threshold_curve(folder: Path, refinement: dict, labels: np.ndarray, poison_mask: np.ndarray, keep: np.ndarray,
+                    cfg, thresholds: list[float]) -> dict[str, np.ndarray]:
     """The keep-masks at other refinement thresholds, as arms named thr@VALUE; prints their detection figures."""
-    probs = torch.load(folder / "refinement.pt", weights_only=True)["probs"].numpy()
+    probs = refinement["probs"].numpy()
     n_classes = probs.shape[1]
     with np.load(folder / "trigger.npz") as z:
-        suspects, _ = split_suspects(z["scores"], labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
-                                     cfg.trigger_min_size, z["minor"].astype(bool), z["silhouette"],
-                                     cfg.trigger_cluster)
+        suspects, _ = draw_suspects(z["scores"], z["minor"].astype(bool), z["silhouette"], labels, n_classes, cfg)
     if not np.array_equal(cross_fit_keep(probs, labels, n_classes, cfg, suspects), keep):
         sys.exit(f"{folder}: the keep rule on the saved judgments is not the saved keep-mask")
     masks = {}
@@ -115,7 +101,8 @@ def main() -> None:
     train, poison_mask = poison(load_split(args.dataset, "train", cache), scenario)
     test = load_split(args.dataset, "test", cache)
     test_trig = triggered_test(test, scenario)
-    with np.load(args.checkpoint / args.profile / "result.npz") as res:
+    folder = args.checkpoint / args.profile
+    with np.load(folder / "result.npz") as res:
         keep, suspicion = res["keep"], res["suspicion"]
         if not np.array_equal(res["poison"], poison_mask):
             sys.exit(f"{args.checkpoint}: its poisons are not those of {args.scenario}")
@@ -128,13 +115,14 @@ def main() -> None:
              "clean-random": clean & ~random_out}
     arms = [a for a in args.arms.split(",") if a]
     for p in (float(v) for v in args.cuts.split(",") if v):
-        masks[f"cut@{p:g}"] = ~cut(suspicion, clean, p / 100)
+        masks[f"cut@{p:g}"] = ~removed_at(suspicion, poison_mask, p / 100)
         arms.append(f"cut@{p:g}")
     print(f"# {scenario.name}: {len(clean)} images, {int(poison_mask.sum())} poisons; ISPL+B removed "
           f"{int((poison_mask & ~keep).sum())} poisons and {int(removed_clean.sum())} clean images")
-    print(stage_costs(args.checkpoint / args.profile, len(clean)))
+    refinement = torch.load(folder / "refinement.pt", weights_only=True)
+    print(stage_costs(folder, refinement, len(clean)))
     if args.thresholds:
-        masks.update(threshold_curve(args.checkpoint / args.profile, np.asarray(train.labels), poison_mask, keep,
+        masks.update(threshold_curve(folder, refinement, np.asarray(train.labels), poison_mask, keep,
                                      params.defense, [float(v) for v in args.thresholds.split(",")]))
     stats = TensorData(train.images, train.labels, num_classes=train.n_classes)  # the statistics evaluate() uses
     test_data = TensorData(test.images, test.labels, mean=stats.mean, std=stats.std, num_classes=train.n_classes)

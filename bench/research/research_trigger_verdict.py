@@ -21,8 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from incompat.config import load_params  # noqa: E402
-from incompat.ispl import cross_fit_keep  # noqa: E402
-from incompat.trigger import split_suspects  # noqa: E402
+from incompat.ispl import cross_fit_keep, draw_suspects  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("root", type=Path)
@@ -39,8 +38,7 @@ for folder in sorted(p / args.profile for p in args.root.iterdir() if (p / args.
     r, z = np.load(folder / "result.npz"), np.load(folder / "trigger.npz")
     labels, poison, keep, judged = r["labels"], r["poison"], r["keep"], r["correct"]
     n_classes, scores, minor = int(labels.max()) + 1, z["scores"], z["minor"].astype(bool)  # an npz reads per access
-    suspects, groups = split_suspects(scores, labels, n_classes, cfg.trigger_max_share, cfg.trigger_separation,
-                                      cfg.trigger_min_size, minor, z["silhouette"], cfg.trigger_cluster)
+    suspects, groups = draw_suspects(scores, minor, z["silhouette"], labels, n_classes, cfg)
     if args.groups:
         for g in groups:
             rows = np.flatnonzero(labels == g["label"])
